@@ -1,0 +1,355 @@
+"""Image classification data from TFDS array_record files, read without TensorFlow.
+
+``digits`` (the default) is scikit-learn's bundled handwritten digits, written by the local TFDS
+builder ``jaxes_digits`` into ``data_dir`` on first use. Any other TFDS data set with a uint8
+``image`` of fixed shape and a ``label`` ClassLabel, prepared as array_record, loads by name.
+
+TensorFlow is never imported. TFDS 4.9.10 writes ``tf.train.Example`` records with its own protobuf
+copy; only some features call TF ops to encode (``Image`` from numpy calls ``tf.image.encode_png``).
+The digits image is therefore a raw uint8 ``Tensor`` feature, which numpy encodes and decodes and
+which reads about twice as fast as PNG. ``Image`` data sets decode with PIL, also without TF.
+
+Public data sets (mnist, cifar10, ...) are downloaded once, which may need TensorFlow::
+
+    pip install 'jaxes[prepare]' && python -m jaxes.data prepare mnist --data_dir=DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import os
+import sys
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+DIGITS = "digits"
+SPLITS = ("train", "validation", "test")
+# A data set without a validation split gives a fixed tenth of its train split to validation: the
+# last tenth of a permutation by the legacy RandomState (a stream numpy keeps fixed) of this seed.
+VALIDATION_FRACTION = 0.1
+VALIDATION_SEED = 0
+_READ_CHUNK = 4096  # records per batched read: amortizes the per-call cost, bounds memory
+
+
+class DataError(ValueError):
+    """The data set is unknown, unprepared, or not an image classification data set."""
+
+
+def _prepare_hint(name: str, data_dir: str) -> str:
+    return (
+        f"prepare it once with `python -m jaxes.data prepare {name} --data_dir={data_dir}` "
+        "(needs `pip install 'jaxes[prepare]'`: TensorFlow and network)"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """What a model's input looks like: model input = float32(image) * scale."""
+
+    height: int
+    width: int
+    channels: int
+    num_classes: int
+    dtype: str = "uint8"
+    scale: float = 1.0 / 255.0
+
+    def __post_init__(self):
+        for field in ("height", "width", "channels", "num_classes"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"InputSpec.{field} must be a positive int, got {value!r}.")
+        if self.dtype != "uint8":
+            raise ValueError(f"InputSpec.dtype must be 'uint8', got {self.dtype!r}.")
+        if not (np.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"InputSpec.scale must be finite and > 0, got {self.scale!r}.")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The shape of one image, (height, width, channels)."""
+        return (self.height, self.width, self.channels)
+
+    def to_dict(self) -> dict:
+        """Returns the spec as a JSON-serializable dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> InputSpec:
+        """Rebuilds a spec from `to_dict` output (exact, also after a JSON round trip)."""
+        if unknown := set(d) - {field.name for field in dataclasses.fields(cls)}:
+            raise ValueError(f"InputSpec.from_dict got unknown keys {sorted(unknown)}.")
+        return cls(**d)
+
+
+def normalize(images, spec: InputSpec):
+    """Maps stored images to model input.
+
+    Args:
+      images: uint8 array (numpy or jax) of shape (..., H, W, C).
+      spec: the data set's input spec.
+
+    Returns:
+      float32 array of the same shape, float32(images) * spec.scale (in [0, 1] for uint8).
+    """
+    return images.astype(np.float32) * np.float32(spec.scale)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Split:
+    """One split in host memory, in record order: uint8 images (N, H, W, C), int32 labels (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def nbytes(split: Split) -> int:
+    """Returns the host bytes of a split's images and labels (to decide device residency)."""
+    return split.images.nbytes + split.labels.nbytes
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Data:
+    """A data set: its input spec and its three splits."""
+
+    name: str
+    spec: InputSpec
+    train: Split
+    validation: Split
+    test: Split
+
+    def split(self, name: str) -> Split:
+        """Returns the split called `name`, one of train, validation, test."""
+        if name not in SPLITS:
+            raise ValueError(f"Unknown split {name!r}: use one of {', '.join(SPLITS)}.")
+        return getattr(self, name)
+
+
+def default_data_dir() -> str:
+    """Returns $JAXES_DATA_DIR, else ~/.cache/jaxes/tensorflow_datasets.
+
+    Not TFDS's ~/tensorflow_datasets, so that jaxes never writes among other programs' data.
+    """
+    default = os.path.join(os.path.expanduser("~"), ".cache", "jaxes", "tensorflow_datasets")
+    return os.environ.get("JAXES_DATA_DIR") or default
+
+
+def digits_split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Splits sample indices 60/20/20, stratified by label and deterministic.
+
+    Within each class, a permutation by the legacy `RandomState(0)` (a stream numpy keeps fixed
+    across versions) gives the first fifth to test, the next fifth to validation, the rest to
+    train. Each split's indices are sorted, so its records keep the source order.
+
+    Args:
+      labels: int labels of all samples.
+
+    Returns:
+      Sorted index arrays for train, validation and test.
+    """
+    rng = np.random.RandomState(0)
+    parts = {name: [] for name in SPLITS}
+    for label in np.unique(labels):
+        indices = rng.permutation(np.flatnonzero(labels == label))
+        fifth = int(0.2 * len(indices) + 0.5)
+        parts["test"].append(indices[:fifth])
+        parts["validation"].append(indices[fifth : 2 * fifth])
+        parts["train"].append(indices[2 * fifth :])
+    return {name: np.sort(np.concatenate(chunks)) for name, chunks in parts.items()}
+
+
+# Kept out of TFDS's global registry: importing jaxes changes no global state, and running this file
+# as `python -m jaxes.data` cannot collide with an imported copy. Prepared, it still loads by name:
+# `tfds.data_source("jaxes_digits", data_dir=...)` reads its info from disk.
+class JaxesDigits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """scikit-learn's digits as a TFDS data set: uint8 (8, 8, 1) images, 10 classes."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    # Nothing is downloaded, so there is no checksums file to find next to the code. Looking for
+    # one makes TFDS 4.9.10 import `importlib_resources`, undeclared on Python >= 3.9
+    # (tensorflow/datasets#11212).
+    code_path = None
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        image = tfds.features.Tensor(
+            shape=(8, 8, 1), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES
+        )
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="scikit-learn's bundled UCI handwritten digits, 8x8, values 0..255.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": image,
+                    "label": tfds.features.ClassLabel(num_classes=10),
+                    "index": tfds.features.Scalar(dtype=np.int32, doc="Row in load_digits()."),
+                }
+            ),
+            supervised_keys=("image", "label"),
+            homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset",
+            disable_shuffling=True,  # records in generation order, not TFDS's key-hash order
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # the data ships with scikit-learn: nothing to download
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        # Integer rounding of v * 255 / 16 (half up): the same bytes on every platform.
+        images = ((digits.images.astype(np.int64) * 255 + 8) // 16).astype(np.uint8)
+        labels = digits.target.astype(np.int64)
+        return {
+            name: self._generate_examples(images, labels, indices)
+            for name, indices in digits_split_indices(labels).items()
+        }
+
+    def _generate_examples(self, images, labels, indices):
+        for index in map(int, indices):
+            example = {"image": images[index, :, :, None], "label": labels[index], "index": index}
+            yield index, example
+
+
+def prepare_digits(data_dir: str) -> tfds.core.DatasetBuilder:
+    """Writes the digits data set into `data_dir` unless it is there; returns its builder."""
+    builder = JaxesDigits(data_dir=data_dir)
+    if builder.is_prepared():
+        return builder
+    os.makedirs(data_dir, exist_ok=True)
+    # TFDS writes into a temp dir and renames it into place, but a second writer's rename would
+    # fail; the lock makes a second process wait, then reuse the first one's files.
+    with open(os.path.join(data_dir, f".{JaxesDigits.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        builder = JaxesDigits(data_dir=data_dir, file_format="array_record")
+        if not builder.is_prepared():
+            builder.download_and_prepare(file_format="array_record")
+    return JaxesDigits(data_dir=data_dir)  # reads its info from disk, as every later load does
+
+
+def _prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+    """Returns the builder of a prepared array_record TFDS data set, or raises DataError."""
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise DataError(
+            f"Unknown dataset {name!r}: use {DIGITS!r}, or a TFDS dataset name and "
+            f"{_prepare_hint(name, data_dir)}."
+        ) from error
+    if not builder.is_prepared():
+        raise DataError(
+            f"Dataset {name!r} is not prepared in {data_dir}: {_prepare_hint(name, data_dir)}."
+        )
+    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+        raise DataError(
+            f"Dataset {name!r} in {data_dir} is stored as {builder.info.file_format.value}, "
+            f"which needs TensorFlow to read: {_prepare_hint(name, data_dir)}."
+        )
+    return builder
+
+
+def _input_spec(name: str, builder: tfds.core.DatasetBuilder) -> InputSpec:
+    features = dict(builder.info.features.items())
+    image, label = features.get("image"), features.get("label")
+    if (
+        not isinstance(image, tfds.features.Image | tfds.features.Tensor)
+        or not isinstance(label, tfds.features.ClassLabel)
+        or len(image.shape) != 3
+        or None in image.shape
+        or image.np_dtype != np.uint8
+    ):
+        raise DataError(
+            f"Dataset {name!r} has features {builder.info.features}; jaxes needs a uint8 'image' "
+            "(Image or Tensor) of fixed shape (H, W, C) and a 'label' ClassLabel."
+        )
+    height, width, channels = (int(size) for size in image.shape)
+    return InputSpec(height, width, channels, int(label.num_classes))
+
+
+def _read_split(source, spec: InputSpec) -> Split:
+    """Reads every record of a data source into arrays, in record order."""
+    count = len(source)
+    images = np.empty((count, *spec.shape), np.uint8)
+    labels = np.empty((count,), np.int32)
+    for start in range(0, count, _READ_CHUNK):
+        examples = source.__getitems__(list(range(start, min(start + _READ_CHUNK, count))))
+        for offset, example in enumerate(examples):
+            images[start + offset] = example["image"]
+            labels[start + offset] = example["label"]
+    return Split(images, labels)
+
+
+def _carve_validation(train: Split) -> tuple[Split, Split]:
+    """Splits train into (train, validation); see VALIDATION_FRACTION."""
+    permutation = np.random.RandomState(VALIDATION_SEED).permutation(len(train))
+    count = max(1, int(VALIDATION_FRACTION * len(train)))
+    parts = np.sort(permutation[:-count]), np.sort(permutation[-count:])
+    return tuple(Split(train.images[part], train.labels[part]) for part in parts)
+
+
+def load(name: str = DIGITS, data_dir: str | os.PathLike | None = None) -> Data:
+    """Loads a data set's three splits into host memory.
+
+    Args:
+      name: 'digits' (prepared here on first use), or a TFDS name prepared as array_record.
+      data_dir: the TFDS data directory; `default_data_dir()` when None.
+
+    Returns:
+      The data set, with its input spec.
+
+    Raises:
+      DataError: the data set is unknown, unprepared, or not image classification.
+    """
+    data_dir = os.fspath(data_dir) if data_dir is not None else default_data_dir()
+    if name in (DIGITS, JaxesDigits.name):
+        builder = prepare_digits(data_dir)
+    else:
+        builder = _prepared_builder(name, data_dir)
+    spec = _input_spec(name, builder)
+    available = set(builder.info.splits)
+    if missing := {"train", "test"} - available:
+        raise DataError(
+            f"Dataset {name!r} has splits {sorted(available)} and lacks {sorted(missing)}; "
+            "jaxes needs train and test (validation is carved from train when absent)."
+        )
+    sources = builder.as_data_source()
+    splits = {key: _read_split(sources[key], spec) for key in SPLITS if key in available}
+    if "validation" not in splits:
+        splits["train"], splits["validation"] = _carve_validation(splits["train"])
+    return Data(name=name, spec=spec, **splits)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Prepares a data set: `python -m jaxes.data prepare NAME --data_dir=DIR`."""
+    parser = argparse.ArgumentParser(prog="python -m jaxes.data", description=main.__doc__)
+    parser.add_argument("command", choices=("prepare",))
+    parser.add_argument("name", help=f"{DIGITS!r} or a TFDS dataset name")
+    parser.add_argument("--data_dir", default=default_data_dir(), help="default: %(default)s")
+    args = parser.parse_args(argv)
+    if args.name in (DIGITS, JaxesDigits.name):
+        prepare_digits(args.data_dir)
+    else:
+        try:
+            builder = tfds.builder(args.name, data_dir=args.data_dir, file_format="array_record")
+            builder.download_and_prepare(file_format="array_record")
+        except Exception as error:  # any failure: no TensorFlow, no network, unknown name
+            print(
+                f"Preparing {args.name!r} in {args.data_dir} failed "
+                f"({type(error).__name__}: {str(error).partition(chr(10))[0]}); it needs "
+                "`pip install 'jaxes[prepare]'` and network access.",
+                file=sys.stderr,
+            )
+            return 1
+    try:
+        data = load(args.name, args.data_dir)
+    except DataError as error:  # prepared, but not an image classification data set
+        print(error, file=sys.stderr)
+        return 2
+    split_sizes = {key: len(data.split(key)) for key in SPLITS}
+    print(f"Prepared {args.name!r} in {args.data_dir}: {data.spec}, split sizes {split_sizes}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
