@@ -1,0 +1,81 @@
+"""The default job: rounds of evolutionary architecture search on scikit-learn's digits.
+
+Command (what `make run` does):
+    python -m jaxes.main --config=configs/digits.py --workdir=runs/digits
+
+Variants by argument: `configs/digits.py:smoke` (a seconds-long run for tests).
+
+Time and result on the 2-core CPU dev machine: see README "Results" (measured, not guessed).
+Every field is declared here with its default; other configs import this one and override.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # Data: a TFDS dataset by name; "" means $JAXES_DATA_DIR or ~/.cache/jaxes/tensorflow_datasets.
+    config.dataset = "digits"
+    config.data_dir = ""
+
+    # The monitored metric of a round (claim 1) and its direction.
+    config.metric = "val_accuracy"  # val_accuracy | val_loss
+    config.mode = "max"
+
+    # The round budget and the randomized tolerance (claims 1, 3-5), see jaxes/stopping.py.
+    config.rounds = 12
+    config.tolerance = ml_collections.ConfigDict()
+    config.tolerance.ratio = 0.8
+    config.tolerance.r = config_dict.placeholder(float)  # None: r drawn from the seed.
+    config.tolerance.patience = config_dict.placeholder(int)  # Set to fix the patience instead.
+    config.tolerance.min_delta = 0.0
+    config.tolerance.min_rel_delta = 0.0
+    config.tolerance.ties_reset = True
+    config.tolerance.warmup = 0
+    config.tolerance.baseline = config_dict.placeholder(float)
+    config.tolerance.target = config_dict.placeholder(float)
+    config.tolerance.extend = True
+    config.tolerance.max_rounds = config_dict.placeholder(int)  # None: twice `rounds`.
+
+    # Architecture search (claim 6): the space and the strategy.
+    config.search = ml_collections.ConfigDict()
+    config.search.strategy = "evolution"  # fixed | random | evolution
+    config.search.population = 4
+    config.search.tournament = 2
+    config.search.max_collisions = 100
+    config.search.space = ml_collections.ConfigDict()
+    config.search.space.backbone = ("mlp",)
+    config.search.space.depth = (1, 2)
+    config.search.space.width = (128, 256)
+    config.search.space.embed_dim = (32, 64)
+
+    # One round: training to convergence (early stop on validation loss).
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 64
+    config.train.learning_rate = 1e-3
+    config.train.weight_decay = 1e-4
+    config.train.max_epochs = 200
+    config.train.patience = 10
+    config.train.min_delta = 0.0
+    config.train.dropout_rate = (0.02, 0.5)  # log-uniform range of exp(r), claim 2
+    config.train.epoch_driver = "auto"  # auto | scan | unrolled | host
+    config.train.device_memory_fraction = 0.5
+    config.train.eval_batch_size = 512
+
+    # After the run: kNN top-1 of test embeddings against train embeddings.
+    config.knn = True
+
+    if variant == "smoke":
+        config.rounds = 4
+        config.search.strategy = "random"
+        config.search.space.depth = (1,)
+        config.search.space.width = (16, 32)
+        config.search.space.embed_dim = (8, 16)
+        config.train.max_epochs = 6
+        config.train.patience = 2
+    elif variant:
+        raise ValueError(f"Unknown variant {variant!r} of configs/digits.py; use '' or 'smoke'.")
+    return config

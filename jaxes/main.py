@@ -1,0 +1,89 @@
+"""Command line: ``python -m jaxes.main --config=configs/digits.py --workdir=runs/digits``.
+
+Overrides: ``--config.rounds=20``, ``--config.search.strategy=random``. Variants:
+``--config=configs/digits.py:smoke``. Many hosts: ``--coordinator=HOST:PORT --num_processes=N
+--process_id=I`` on each process, or ``--distributed`` to let ``jax.distributed.initialize``
+read the cluster launcher's environment (SLURM, TPU pods, ...).
+
+Exit codes: 0 done, 2 bad command line / config / workdir / data (one sentence on stderr).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxes import checkpoint, data, rounds, runconfig, search, workdir
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/digits.py[:variant].", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created, or resumed).")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0, multi-process.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Initialize jax.distributed from the cluster environment."
+)
+
+USER_ERRORS = (
+    runconfig.ConfigError,
+    workdir.WorkdirError,
+    data.DataError,
+    search.SearchError,
+    checkpoint.CheckpointError,
+)
+
+
+def fail(message: str) -> None:
+    """Prints one sentence to stderr and exits 2."""
+    print(f"jaxes: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, but a bad flag or config override exits 2 with one sentence."""
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(f"{e}.".replace("..", "."))
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        # ml_collections raises these for a bad --config file or override.
+        fail(f"bad --config: {e}")
+    if flags.FLAGS.config is None:
+        fail("--config is required, e.g. --config=configs/digits.py.")
+    if not flags.FLAGS.workdir:
+        fail("--workdir is required, e.g. --workdir=runs/digits.")
+    return rest
+
+
+def init_distributed() -> None:
+    """Joins a multi-process run if asked to; CPU processes talk through gloo."""
+    if _COORDINATOR.value or (_NUM_PROCESSES.value or 1) > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+    elif _DISTRIBUTED.value:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize()
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; settings go in --config.FIELD=VALUE.")
+    logging.set_verbosity(logging.WARNING)
+    init_distributed()
+    try:
+        rounds.run(_CONFIG.value, _WORKDIR.value)
+    except USER_ERRORS as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,119 @@
+"""Checks a run config and turns it into the objects of a run.
+
+Every problem is one ``ConfigError`` sentence that names the config field, e.g.
+``config.tolerance.ratio: ratio must be a real number in (0, 1] ..., got 1.5.``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxes import keys, models, search, stopping
+from jaxes import train as train_lib
+
+METRICS = {"val_accuracy": "max", "val_loss": "min"}
+
+
+class ConfigError(ValueError):
+    """A config field has a bad value."""
+
+
+def _field_error(path: str, problem: str) -> ConfigError:
+    return ConfigError(f"config.{path}: {problem}")
+
+
+def make_tolerance(config, root_key) -> stopping.State:
+    """The initial tolerance state; ``r`` comes from the seed unless fixed by the config."""
+    tol = config.tolerance
+    r = tol.r
+    if tol.patience is None and r is None:
+        r = keys.tolerance_r(root_key)
+    kwargs = {
+        "patience": tol.patience,
+        "r": r,
+        "ratio": tol.ratio,
+        "mode": config.mode,
+        "min_delta": tol.min_delta,
+        "min_rel_delta": tol.min_rel_delta,
+        "ties_reset": tol.ties_reset,
+        "warmup": tol.warmup,
+        "baseline": tol.baseline,
+        "target": tol.target,
+        "nonfinite": "worse",  # a failed round counts as below the best; the run goes on
+        "extend": tol.extend,
+        "max_rounds": tol.max_rounds,
+    }
+    try:
+        return stopping.init(config.rounds, **kwargs)
+    except ValueError as e:
+        name = str(e).split(" ", 1)[0]
+        path = "rounds" if name == "rounds" else f"tolerance.{name}"
+        if name not in kwargs and name != "rounds":
+            path = "tolerance"
+        raise _field_error(path, str(e)) from None
+
+
+def make_strategy(config) -> search.Strategy:
+    """The search strategy of ``config.search`` over a space of ``models.Arch`` fields."""
+    cfg = config.search
+    space = {name: tuple(values) for name, values in cfg.space.items()}
+    arch_fields = {f.name for f in dataclasses.fields(models.Arch)}
+    for name, values in space.items():
+        if name not in arch_fields:
+            raise _field_error(
+                f"search.space.{name}", f"not an Arch field; use some of {sorted(arch_fields)}."
+            )
+        for value in values:
+            try:
+                models.Arch(**{name: value})
+            except (TypeError, ValueError) as e:
+                raise _field_error(f"search.space.{name}", str(e)) from None
+    params = {
+        "fixed": {},
+        "random": {"max_collisions": cfg.max_collisions},
+        "evolution": {"population": cfg.population, "tournament": cfg.tournament},
+    }.get(cfg.strategy)
+    if params is None:
+        raise _field_error(
+            "search.strategy", f"must be one of fixed, random, evolution, got {cfg.strategy!r}."
+        )
+    try:
+        return search.make(cfg.strategy, space, **params)
+    except search.SearchError as e:
+        raise _field_error("search", str(e)) from None
+
+
+def _check(ok: bool, path: str, allowed: str, value) -> None:
+    if not ok:
+        raise _field_error(path, f"must be {allowed}, got {value!r}.")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_config(config) -> None:
+    """Raises ConfigError naming the first bad field of ``config``."""
+    _check(config.metric in METRICS, "metric", f"one of {sorted(METRICS)}", config.metric)
+    want = METRICS[config.metric]
+    _check(config.mode == want, "mode", f"{want!r} for metric {config.metric!r}", config.mode)
+    _check(_is_int(config.seed) and config.seed >= 0, "seed", "an int >= 0", config.seed)
+    _check(bool(config.dataset), "dataset", "a TFDS dataset name", config.dataset)
+    t = config.train
+    for name, minimum in (("batch_size", 1), ("max_epochs", 1), ("patience", 1)):
+        value = t[name]
+        _check(_is_int(value) and value >= minimum, f"train.{name}", f"an int >= {minimum}", value)
+    _check(_is_int(t.eval_batch_size) and t.eval_batch_size >= 1, "train.eval_batch_size",
+           "an int >= 1", t.eval_batch_size)  # fmt: skip
+    _check(t.learning_rate > 0, "train.learning_rate", "> 0", t.learning_rate)
+    _check(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
+    _check(t.min_delta >= 0, "train.min_delta", ">= 0", t.min_delta)
+    rate = tuple(t.dropout_rate)
+    _check(len(rate) == 2 and 0 < rate[0] <= rate[1] < 1, "train.dropout_rate",
+           "(low, high) with 0 < low <= high < 1", rate)  # fmt: skip
+    drivers = ("auto", *train_lib.DRIVERS)
+    _check(t.epoch_driver in drivers, "train.epoch_driver", f"one of {drivers}", t.epoch_driver)
+    fraction = t.device_memory_fraction
+    _check(0 < fraction <= 1, "train.device_memory_fraction", "in (0, 1]", fraction)
+    make_tolerance(config, keys.root(config.seed))
+    make_strategy(config)

@@ -1,0 +1,236 @@
+"""The rounds job end to end, in real processes: resume after SIGKILL, reproducibility,
+multi-process, and exit code 2 for bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxes import instance, stopping, workdir
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = f"--config={ROOT / 'configs' / 'digits.py'}:smoke"
+
+
+def _env(devices: int = 1) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _cmd(workdir_path, data_dir, *extra):
+    return [
+        sys.executable, "-m", "jaxes.main", SMOKE, f"--workdir={workdir_path}",
+        f"--config.data_dir={data_dir}", *extra,
+    ]  # fmt: skip
+
+
+def _run(workdir_path, data_dir, *extra, check=True):
+    proc = subprocess.run(
+        _cmd(workdir_path, data_dir, *extra),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _run_killed(workdir_path, data_dir, ready) -> None:
+    """Starts a run and SIGKILLs it as soon as ``ready(workdir_path)`` holds."""
+    proc = subprocess.Popen(
+        _cmd(workdir_path, data_dir), env=_env(), cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    try:
+        while not ready(workdir_path):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "timed out waiting to kill the run"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _committed_rounds(path) -> int:
+    state_file = Path(path) / "checkpoints" / "resume_state.json"
+    try:
+        return json.loads(state_file.read_text())["next_round"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def _comparable(path) -> dict:
+    summary = workdir.read_summary(path)
+    summary.pop("wall_seconds")
+    return summary
+
+
+def _best_params(path):
+    model, meta = instance.load(path)
+    from flax import nnx
+
+    return nnx.state(model).to_pure_dict(), meta
+
+
+def _assert_same_run(a, b):
+    assert _comparable(a) == _comparable(b)
+    params_a, meta_a = _best_params(a)
+    params_b, meta_b = _best_params(b)
+    assert meta_a == meta_b
+    import jax
+
+    leaves_a, tree_a = jax.tree.flatten(params_a)
+    leaves_b, tree_b = jax.tree.flatten(params_b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    strip = [{k: v for k, v in r.items() if k != "wall_seconds"} for r in workdir.read_rounds(a)]
+    assert strip == [
+        {k: v for k, v in r.items() if k != "wall_seconds"} for r in workdir.read_rounds(b)
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, digits_data_dir):
+    """One uninterrupted smoke run."""
+    path = tmp_path_factory.mktemp("reference")
+    proc = _run(path, digits_data_dir)
+    assert "stop" in proc.stdout.lower()
+    return path
+
+
+def test_reference_run_writes_the_workdir(reference):
+    for name in ("config.json", "rounds.jsonl", "summary.json", "rounds.png"):
+        assert (reference / name).is_file(), name
+    assert list((reference / "tensorboard").iterdir())
+    summary = workdir.read_summary(reference)
+    records = workdir.read_rounds(reference)
+    assert summary["rounds_run"] == len(records) >= 1
+    assert (
+        summary["best_round"]
+        == max(
+            (r for r in records if r["metric"] is not None),
+            key=lambda r: (r["metric"], -r["round_index"]),
+        )["round_index"]
+    )
+    assert 0.0 <= summary["test_metric"] <= 1.0
+    assert 0.0 <= summary["knn_top1"] <= 1.0
+
+
+def test_two_fresh_runs_are_identical(reference, tmp_path, digits_data_dir):
+    _run(tmp_path, digits_data_dir)
+    _assert_same_run(reference, tmp_path)
+
+
+def test_resume_after_sigkill_between_rounds(reference, tmp_path, digits_data_dir):
+    _run_killed(tmp_path, digits_data_dir, lambda p: _committed_rounds(p) >= 2)
+    assert not (tmp_path / "summary.json").exists()
+    _run(tmp_path, digits_data_dir)
+    _assert_same_run(reference, tmp_path)
+
+
+def test_resume_after_sigkill_mid_round(reference, tmp_path, digits_data_dir):
+    # The TensorBoard event file grows when a round ends; a committed round 0 plus a short
+    # wait lands the kill inside round 1's training.
+    def in_round_one(path):
+        if _committed_rounds(path) < 1:
+            return False
+        time.sleep(0.3)
+        return True
+
+    _run_killed(tmp_path, digits_data_dir, in_round_one)
+    _run(tmp_path, digits_data_dir)
+    _assert_same_run(reference, tmp_path)
+
+
+def test_rounds_jsonl_replays_the_stop(reference):
+    summary = workdir.read_summary(reference)
+    config = json.loads((reference / "config.json").read_text())
+    tol = dict(config["tolerance"])
+    assert tol.pop("r") is None and tol.pop("patience") is None, "smoke must draw r from its seed"
+    state = stopping.init(config["rounds"], r=summary["r"], mode=config["mode"], **tol)
+    assert state.patience == summary["patience"]
+    for record in workdir.read_rounds(reference):
+        metric = record["metric"]
+        state = stopping.update(state, float("nan") if metric is None else metric)
+    assert state.round == summary["rounds_run"]
+    assert state.reason == summary["stop_reason"]
+    assert state.best_round == summary["best_round"]
+    assert state.rounds == summary["rounds_budget"]
+
+
+def _tree_digest(path) -> dict:
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(path).rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("--config.roundz=3", "roundz"),
+        ("--config.tolerance.ratio=1.5", "tolerance.ratio"),
+        ("--config.train.batch_size=0", "train.batch_size"),
+        ("--config.search.strategy=genetic", "search.strategy"),
+        ("--config.seed=7", "different config"),
+    ],
+)
+def test_bad_input_exits_2_with_one_sentence(reference, digits_data_dir, override, needle):
+    before = _tree_digest(reference)
+    proc = _run(reference, digits_data_dir, override, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert needle in lines[0]
+    assert _tree_digest(reference) == before
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(reference, tmp_path, digits_data_dir):
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _cmd(
+                tmp_path,
+                digits_data_dir,
+                f"--coordinator=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            env=_env(),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, f"{out}\n{err}"
+    one, two = workdir.read_summary(reference), workdir.read_summary(tmp_path)
+    assert two["best_round"] == one["best_round"]
+    assert abs(two["best_metric"] - one["best_metric"]) <= 1e-3
