@@ -77,7 +77,9 @@ def init_distributed() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; settings go in --config.FIELD=VALUE.")
-    logging.set_verbosity(logging.WARNING)
+    if not flags.FLAGS["verbosity"].present:
+        # Libraries (TFDS, Orbax) log routine warnings; the run's own output is the progress.
+        logging.set_verbosity(logging.ERROR)
     init_distributed()
     try:
         rounds.run(_CONFIG.value, _WORKDIR.value)

@@ -117,8 +117,8 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
     """
     check_config(config)
     is_primary = jax.process_index() == 0
-    workdir_lib.claim(workdir, config, write=is_primary)
     data = data_lib.load(config.dataset, config.data_dir or None)
+    workdir_lib.claim(workdir, config, write=is_primary)
     mesh = sharding.make_mesh()
     root = keys.root(config.seed)
     strategy = make_strategy(config)

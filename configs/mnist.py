@@ -1,0 +1,39 @@
+"""MNIST (28x28x1, 10 classes): evolution over MLP and CNN backbones.
+
+Prepare the data once (needs `pip install 'jaxes[prepare]'` and the network):
+    python -m jaxes.data prepare mnist --data_dir=$HOME/.cache/jaxes/tensorflow_datasets
+Command:
+    python -m jaxes.main --config=configs/mnist.py --workdir=runs/mnist
+
+Time and result: not measured on the dev machine, which cannot download MNIST. Without the
+prepared data the run exits 2 with the command above. Validation is the last 10% of a fixed
+permutation of the train split (see jaxes/data.py).
+"""
+
+import importlib.util
+import pathlib
+
+
+def _digits():
+    path = pathlib.Path(__file__).with_name("digits.py")
+    spec = importlib.util.spec_from_file_location("jaxes_configs_digits", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config():
+    config = _digits().get_config()
+    config.dataset = "mnist"
+    config.rounds = 16
+    config.search.population = 6
+    config.search.tournament = 3
+    config.search.space.backbone = ("mlp", "cnn")
+    config.search.space.depth = (1, 2, 3)
+    config.search.space.width = (64, 128, 256)
+    config.search.space.embed_dim = (64, 128)
+    config.train.batch_size = 128
+    config.train.max_epochs = 30
+    config.train.patience = 3
+    config.train.eval_batch_size = 1024
+    return config
