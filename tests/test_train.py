@@ -1,0 +1,247 @@
+"""Tests for jaxes.train: one round to convergence on digits, sharding, determinism, caching."""
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.monitoring
+import numpy as np
+import pytest
+
+from jaxes import infer, models, sharding, train
+
+CONFIG_FILE = pathlib.Path(__file__).parent.parent / "configs" / "digits.py"
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+
+
+def _train_config(variant: str = ""):
+    """A fresh ``train`` section of configs/digits.py (configs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("digits_config", CONFIG_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant).train
+
+
+def _leaves(state):
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(jax.device_get(state))]
+
+
+class _TraceCounter:
+    """Counts jaxpr traces of top-level jitted functions while it is active."""
+
+    def __init__(self):
+        self.names = []
+
+    def _listen(self, event, duration, **kwargs):
+        del duration
+        if event == TRACE_EVENT:
+            self.names.append(kwargs.get("fun_name"))
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def test_default_mlp_reaches_95_percent_on_validation_and_test(digits):
+    config = _train_config()
+    result = train.to_convergence(models.Arch(), digits, jax.random.key(0), config)
+    assert not result.failed, result.message
+    assert result.metrics["val_accuracy"] >= 0.95
+
+    evaluator = infer.Evaluator(
+        result.graphdef, digits.spec, sharding.make_mesh(), config.eval_batch_size
+    )
+    assert evaluator.evaluate(result.state, digits.test)["accuracy"] >= 0.95
+
+    # The instance returned is the best epoch's (lowest validation loss), not the last one's,
+    # and the run stopped after `patience` epochs without improvement.
+    val_losses = [epoch["val_loss"] for epoch in result.history]
+    assert result.best_epoch == int(np.argmin(val_losses))
+    validation = evaluator.evaluate(result.state, digits.validation)
+    assert validation["loss"] == pytest.approx(val_losses[result.best_epoch], rel=1e-5)
+    assert result.epochs == len(result.history) < config.max_epochs
+    assert result.epochs - 1 - result.best_epoch == config.patience
+
+
+def test_one_key_gives_bitwise_identical_parameters(digits):
+    config = _train_config()
+    config.max_epochs = 3
+    key = jax.random.key(5)
+    first = train.to_convergence(models.Arch(), digits, key, config)
+    second = train.to_convergence(models.Arch(), digits, key, config)
+    assert first.history == second.history
+    assert first.log_rate == second.log_rate
+    for a, b in zip(_leaves(first.state), _leaves(second.state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = train.to_convergence(models.Arch(), digits, jax.random.key(6), config)
+    pairs = zip(_leaves(first.state), _leaves(other.state), strict=True)
+    assert not all(np.array_equal(a, b) for a, b in pairs)
+
+
+def test_trace_counter_sees_a_new_trace():
+    with _TraceCounter() as counter:
+        jax.jit(lambda x: x * 3 + 1)(np.float32(2.0))
+    assert counter.names
+
+
+def test_same_arch_again_triggers_no_new_trace(digits):
+    config = _train_config()
+    config.max_epochs = 2
+    train.to_convergence(models.Arch(), digits, jax.random.key(0), config)  # warm the caches
+    # Another key and another dropout-rate range: a different instance of the same Arch.
+    config.dropout_rate = (0.1, 0.2)
+    with _TraceCounter() as counter:
+        result = train.to_convergence(models.Arch(), digits, jax.random.key(1), config)
+    assert not result.failed
+    assert math.log(0.1) <= result.log_rate <= math.log(0.2)
+    assert counter.names == []
+
+
+def test_non_finite_loss_fails_the_round_naming_the_epoch(digits):
+    config = _train_config()
+    config.max_epochs = 3
+    config.learning_rate = 1e30  # Adam's first steps move every weight by ~1e30: overflow.
+    results = [
+        train.to_convergence(models.Arch(), digits, jax.random.key(0), config) for _ in range(2)
+    ]
+    result = results[0]
+    assert result.failed
+    last_epoch = result.history[-1]["epoch"]
+    assert result.epochs == len(result.history) == last_epoch + 1
+    assert re.search(rf"\b(nan|inf)\b.*\bepoch {last_epoch}\b", result.message), result.message
+    assert not math.isfinite(result.history[-1]["train_loss"])
+    # Deterministic: the same key fails the same way.
+    assert results[1].failed and results[1].message == result.message
+
+
+def test_host_driver_matches_device_driver_and_low_memory_forces_it(digits, monkeypatch):
+    config = _train_config()
+    config.max_epochs = 2
+    config.epoch_driver = "scan"
+    key = jax.random.key(3)
+    on_device = train.to_convergence(models.Arch(), digits, key, config)
+
+    host_epochs = []
+    host_epoch = train._host_epoch
+
+    def spy(*args, **kwargs):
+        host_epochs.append(args[5])  # the epoch index
+        return host_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_host_epoch", spy)
+    config.device_memory_fraction = 1e-12  # digits no longer "fits": the host streams it
+    streamed = train.to_convergence(models.Arch(), digits, key, config)
+    assert host_epochs == list(range(config.max_epochs))
+    for a, b in zip(_leaves(on_device.state), _leaves(streamed.state), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    for a, b in zip(on_device.history, streamed.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+
+
+def test_bad_driver_and_batch_size_are_rejected(digits):
+    with pytest.raises(ValueError, match="epoch_driver"):
+        train.choose_driver("mlp", "fastest", "cpu")
+    config = _train_config()
+    config.batch_size = len(digits.train) + 1
+    with pytest.raises(ValueError, match="batch_size"):
+        train.to_convergence(models.Arch(), digits, jax.random.key(0), config)
+
+
+_SHARDED_STEP = textwrap.dedent(
+    """
+    import json, sys
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jaxes import data, models, sharding, train
+
+    images, labels = np.load(sys.argv[1]), np.load(sys.argv[2])
+    spec = data.InputSpec(**json.loads(sys.argv[3]))
+    params_file = sys.argv[4]
+    model = models.build(models.Arch(), spec.shape, spec.num_classes, jax.random.key(0), -1.5)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    hparams = train.HParams(spec, len(labels), 1, 1e-3, 1e-4, "host")
+    dropout_key = jax.random.key(7)
+    out = {"device_count": jax.device_count()}
+    arrays = {f"start_{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(params))}
+    for devices in (1, 8):
+        mesh = sharding.make_mesh(jax.devices()[:devices])
+        init_fn, step_fn, _ = train.compiled(graphdef, hparams, mesh)
+        replicated = sharding.replicated(mesh)
+        start = sharding.put_tree(params, replicated)
+        carry = (start, init_fn(start), sharding.put_tree(rest, replicated))
+        batch = sharding.batch_sharded(mesh)
+        x, y = sharding.put(images, batch), sharding.put(labels, batch)
+        # Compile ahead of time to read the step's own input shardings, then run that program.
+        step = step_fn.lower(carry, x, y, dropout_key, 0).compile()
+        images_sharding = step.input_shardings[0][1]
+        (new_params, _, _), loss = step(carry, x, y, dropout_key, 0)
+        out[f"step_images_devices_{devices}"] = images_sharding.num_devices
+        out[f"step_images_replicated_{devices}"] = images_sharding.is_fully_replicated
+        out[f"images_shard_rows_{devices}"] = sorted(
+            shard.data.shape[0] for shard in x.addressable_shards
+        )
+        for i, leaf in enumerate(jax.tree.leaves(jax.device_get(new_params))):
+            arrays[f"devices{devices}_{i}"] = np.asarray(leaf)
+    np.savez(params_file, **arrays)
+    print(json.dumps(out))
+    """
+)
+
+
+def test_eight_device_step_matches_one_device_step(digits, tmp_path):
+    batch_size = 64
+    np.save(tmp_path / "images.npy", digits.train.images[:batch_size])
+    np.save(tmp_path / "labels.npy", digits.train.labels[:batch_size])
+    script = tmp_path / "sharded_step.py"
+    script.write_text(_SHARDED_STEP)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(tmp_path / "images.npy"),
+            str(tmp_path / "labels.npy"),
+            json.dumps(digits.spec.to_dict()),
+            str(tmp_path / "params.npz"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert out["device_count"] == 8
+    # The batch really is split over 8 devices, 8 rows each, not replicated onto one.
+    assert out["step_images_devices_8"] == 8
+    assert not out["step_images_replicated_8"]
+    assert out["images_shard_rows_8"] == [batch_size // 8] * 8
+    assert out["step_images_devices_1"] == 1
+
+    arrays = np.load(tmp_path / "params.npz")
+    count = sum(name.startswith("start_") for name in arrays.files)
+    assert count > 0
+    for i in range(count):
+        one, eight = arrays[f"devices1_{i}"], arrays[f"devices8_{i}"]
+        np.testing.assert_allclose(one, eight, atol=1e-5, rtol=0)
+    # The step did move the parameters, so the comparison above is not vacuous.
+    moved = max(
+        np.max(np.abs(arrays[f"devices1_{i}"] - arrays[f"start_{i}"])) for i in range(count)
+    )
+    assert moved > 1e-4
