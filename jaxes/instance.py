@@ -18,7 +18,7 @@ from jaxes import checkpoint, data, models
 
 def save(ckpt: checkpoint.Checkpointer, round_index: int, state: nnx.State, meta: dict) -> None:
     """Saves an instance's state (params + log-rate) with its metadata (arch, spec, ...)."""
-    ckpt.save_best(round_index, state.to_pure_dict(), meta)
+    ckpt.save_best(round_index, nnx.to_pure_dict(state), meta)
 
 
 def abstract_model(meta: dict) -> models.Model:
@@ -52,5 +52,5 @@ def load(workdir: str | os.PathLike) -> tuple[models.Model, dict]:
         pure, meta = ckpt.restore_best()
     model = abstract_model(meta)
     graphdef, state = nnx.split(model)
-    state.replace_by_pure_dict(jax.tree.map(jax.numpy.asarray, pure))
+    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, pure))
     return nnx.merge(graphdef, state), meta

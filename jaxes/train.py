@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 from collections.abc import Callable
+from queue import Queue
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +122,31 @@ def _scan_epoch(graphdef, h, mesh, carry, images, labels, data_key, dropout_key,
     return carry, losses.mean()
 
 
+# Any value < 0 passes the model's check; the round's own log-rate replaces it after init.
+_PLACEHOLDER_LOG_RATE = -1.0
+
+
+@functools.lru_cache(maxsize=64)
+def initializer(arch: models.Arch, input_shape: tuple, num_classes: int, mesh):
+    """The graph of ``arch`` and a jitted ``init(key, log_rate) -> (params, log_rates)``.
+
+    One compiled init per architecture, instead of one eager compile per parameter shape.
+    """
+
+    def split(key):
+        model = models.build(arch, input_shape, num_classes, key, _PLACEHOLDER_LOG_RATE)
+        return nnx.split(model, nnx.Param, models.LogRate)
+
+    graphdef = nnx.eval_shape(lambda: split(jax.random.key(0)))[0]
+
+    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+    def init(key, log_rate):
+        _, params, rates = split(key)
+        return params, jax.tree.map(lambda x: jnp.full_like(x, log_rate), rates)
+
+    return graphdef, init
+
+
 @functools.lru_cache(maxsize=64)
 def compiled(graphdef, h: HParams, mesh):
     """The jitted init/step/epoch functions of one (graph, hyper-parameters, mesh)."""
@@ -141,14 +168,37 @@ def compiled(graphdef, h: HParams, mesh):
     return init, step, epoch
 
 
+def _prefetched(batches, depth: int):
+    """Runs the ``batches`` generator on a thread, ``depth`` items ahead of the consumer."""
+    queue: Queue = Queue(maxsize=depth)
+    done = object()
+
+    def produce():
+        try:
+            for item in batches:
+                queue.put(item)
+        except BaseException as e:  # re-raised in the consumer
+            queue.put(e)
+        queue.put(done)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (item := queue.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 def _host_epoch(step_fn, carry, split, data_key, dropout_key, epoch, h, mesh):
-    """One epoch fed from the host, one batch ahead of the device (async dispatch)."""
+    """One epoch streamed from the host: batches gathered and placed on a prefetch thread."""
     order = np.asarray(epoch_order(data_key, epoch, len(split.labels), h))
     batch = sharding.batch_sharded(mesh)
+
+    def batches():
+        for index in order:
+            yield sharding.put(split.images[index], batch), sharding.put(split.labels[index], batch)
+
     losses = []
-    for i, index in enumerate(order):
-        images = sharding.put(split.images[index], batch)
-        labels = sharding.put(split.labels[index], batch)
+    for i, (images, labels) in enumerate(_prefetched(batches(), depth=2)):
         carry, loss = step_fn(carry, images, labels, dropout_key, epoch * h.steps_per_epoch + i)
         losses.append(loss)
     return carry, jnp.mean(jnp.stack(losses))
@@ -208,11 +258,10 @@ def to_convergence(
     )
     round_keys = keys.RoundKeys.of(key)
     log_rate = models.draw_log_rate(round_keys.dropout_rate, config.dropout_rate)
-    model = models.build(arch, data.spec.shape, data.spec.num_classes, round_keys.init, log_rate)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, init_model = initializer(arch, data.spec.shape, data.spec.num_classes, mesh)
+    params, rest = init_model(round_keys.init, log_rate)
     init_fn, step_fn, epoch_fn = compiled(graphdef, h, mesh)
     rep = sharding.replicated(mesh)
-    params, rest = sharding.put_tree(params, rep), sharding.put_tree(rest, rep)
     carry = (params, init_fn(params), rest)
     if driver != "host":
         images = sharding.put(train_split.images, rep)

@@ -85,7 +85,7 @@ def _best_params(path):
     model, meta = instance.load(path)
     from flax import nnx
 
-    return nnx.state(model).to_pure_dict(), meta
+    return nnx.to_pure_dict(nnx.state(model)), meta
 
 
 def _assert_same_run(a, b):
