@@ -15,7 +15,7 @@ from ml_collections import config_dict
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.seed = 0
+    config.seed = 1  # r = -0.816: tolerance 4 of 12 rounds (seed 0 would draw tolerance 1)
 
     # Data: a TFDS dataset by name; "" means $JAXES_DATA_DIR or ~/.cache/jaxes/tensorflow_datasets.
     config.dataset = "digits"
@@ -69,6 +69,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.knn = True
 
     if variant == "smoke":
+        config.seed = 0  # tolerance 1: two rounds, the shortest run that still judges a round
         config.rounds = 4
         config.search.strategy = "random"
         config.search.space.depth = (1,)

@@ -35,6 +35,7 @@ def _round_record(t, choice, result, tol, config, seconds) -> dict:
         "log_rate": result.log_rate,
         "dropout_rate": math.exp(result.log_rate),
         "epochs": result.epochs,
+        "driver": result.driver,
         "best_epoch": result.best_epoch,
         "metric": metric,
         **{k: result.metrics.get(k) for k in ("val_loss", "val_accuracy", "train_loss")},

@@ -64,6 +64,7 @@ class RoundResult:
     history: list[dict]
     epochs: int
     best_epoch: int
+    driver: str = DEFAULT_DRIVER  # the epoch driver that ran
     failed: bool = False
     message: str | None = None
 
@@ -295,7 +296,7 @@ def to_convergence(
         if bad:
             return RoundResult(
                 arch, log_rate, graphdef, best_state, best_metrics, history, epoch + 1,
-                best_epoch, failed=True,
+                best_epoch, driver, failed=True,
                 message=f"{bad[0]} became {metrics[bad[0]]} at epoch {epoch}",
             )  # fmt: skip
         convergence = stopping.update(convergence, metrics["val_loss"])
@@ -306,5 +307,6 @@ def to_convergence(
         if convergence.stopped:
             break
     return RoundResult(
-        arch, log_rate, graphdef, best_state, best_metrics, history, len(history), best_epoch
-    )
+        arch, log_rate, graphdef, best_state, best_metrics, history, len(history), best_epoch,
+        driver,
+    )  # fmt: skip
