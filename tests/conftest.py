@@ -9,7 +9,10 @@
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +23,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from jaxes import data  # noqa: E402  (after the environment above, which JAX reads at import)
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE_CONFIG = f"--config={ROOT / 'configs' / 'digits.py'}:smoke"
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -38,3 +44,14 @@ def digits_data_dir(tmp_path_factory):
 def digits(digits_data_dir):
     """The digits data set (read-only: its arrays are shared by every test)."""
     return data.load("digits", digits_data_dir)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, digits_data_dir) -> Path:
+    """One finished `configs/digits.py:smoke` run (read-only), made by the real CLI."""
+    path = tmp_path_factory.mktemp("smoke_run")
+    cmd = [sys.executable, "-m", "jaxes.main", SMOKE_CONFIG, f"--workdir={path}"]
+    cmd.append(f"--config.data_dir={digits_data_dir}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    return path

@@ -107,12 +107,9 @@ def _assert_same_run(a, b):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, digits_data_dir):
+def reference(smoke_run):
     """One uninterrupted smoke run."""
-    path = tmp_path_factory.mktemp("reference")
-    proc = _run(path, digits_data_dir)
-    assert "stop" in proc.stdout.lower()
-    return path
+    return smoke_run
 
 
 def test_reference_run_writes_the_workdir(reference):

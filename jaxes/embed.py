@@ -1,0 +1,231 @@
+"""Command line: feature vectors of images from a run's best instance.
+
+    python -m jaxes.embed --workdir=runs/digits --images='photos/*.png' --out=emb.npy
+    python -m jaxes.embed --workdir=runs/digits --split=test --out=emb.npy
+
+Writes ``emb.npy``, an (N, D) float32 array, and ``emb.json`` beside it: the file (or split
+record) of each row, in order, and the files skipped by ``--skip-bad`` with the reason. The best
+instance is restored onto the devices present (a GPU-trained run embeds on a CPU), and images are
+converted to the run's input spec as ``jaxes.images`` describes. Batches have a fixed size,
+padded, so one compiled function serves any N.
+
+Exit codes: 0 done, 2 bad input (one sentence on stderr; nothing is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxes import checkpoint, infer, instance, sharding
+from jaxes import data as data_lib
+from jaxes import images as images_lib
+from jaxes import workdir as workdir_lib
+
+DEFAULT_BATCH_SIZE = 256
+
+
+class EmbedError(ValueError):
+    """The command line asks for something that cannot be embedded."""
+
+
+USER_ERRORS = (
+    EmbedError,
+    images_lib.ImageError,
+    images_lib.ChannelError,
+    checkpoint.CheckpointError,
+    data_lib.DataError,
+)
+
+
+def embed_images(model, spec: data_lib.InputSpec, images, batch_size: int = DEFAULT_BATCH_SIZE):
+    """Embeds uint8 images (N, H, W, C) with ``model`` on every local device.
+
+    Args:
+      model: the restored instance (``instance.load``).
+      spec: its input spec; ``images`` must have its shape.
+      images: uint8 array (N, H, W, C).
+      batch_size: rows per compiled call (rounded up to a multiple of the device count).
+
+    Returns:
+      float32 array (N, embed_dim).
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.shape[1:] != spec.shape:
+        raise EmbedError(
+            f"images must be uint8 of shape (N, {', '.join(map(str, spec.shape))}), "
+            f"got {images.dtype} {images.shape}."
+        )
+    mesh = sharding.make_mesh(jax.local_devices())
+    graphdef, state = nnx.split(model)
+    state = sharding.put_tree(state, sharding.replicated(mesh))
+    evaluator = infer.Evaluator(graphdef, spec, mesh, batch_size)
+    return evaluator.embed(state, images)
+
+
+def run_config(workdir: str | os.PathLike) -> dict:
+    """The run's config.json as a dict (dataset, data_dir, ...)."""
+    path = Path(workdir) / workdir_lib.CONFIG
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EmbedError(
+            f"{workdir} has no {workdir_lib.CONFIG}, so its data set is unknown; point "
+            "--workdir at a run made by `python -m jaxes.main`."
+        ) from None
+    except json.JSONDecodeError as error:
+        raise EmbedError(f"{path} is not valid JSON ({error}); the workdir is damaged.") from error
+
+
+def _write_outputs(out: Path, embeddings: np.ndarray, record: dict) -> Path:
+    """Writes out (.npy) and its .json atomically; returns the .json path."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.save(buffer, embeddings.astype(np.float32), allow_pickle=False)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, out)
+    record_path = out.with_suffix(".json")
+    checkpoint.atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
+    return record_path
+
+
+def _check_out(out: str) -> Path:
+    path = Path(out).expanduser()
+    if path.suffix != ".npy":
+        raise EmbedError(f"--out={out} must end in .npy (the row record goes beside it as .json).")
+    if path.is_dir():
+        raise EmbedError(f"--out={out} is a directory; give a file name ending in .npy.")
+    return path
+
+
+def embed(
+    workdir: str,
+    out: str,
+    *,
+    images: str | None = None,
+    split: str | None = None,
+    skip_bad: bool = False,
+    data_dir: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> dict:
+    """Embeds image files (``images``) or a split of the run's data set (``split``).
+
+    Args:
+      workdir: the run whose best instance embeds.
+      out: the .npy file to write; the row record goes to the same path with .json.
+      images: a file, directory or glob (see ``images.expand``); exclusive with ``split``.
+      split: train, validation or test of the run's data set.
+      skip_bad: skip unreadable images (listed in the record) instead of failing.
+      data_dir: the TFDS data dir for ``split``; default: the run's, else the default one.
+      batch_size: rows per compiled call.
+
+    Returns:
+      The row record written to the .json file.
+
+    Raises:
+      EmbedError, images.ImageError, images.ChannelError, checkpoint.CheckpointError,
+      data.DataError: bad input, named in one sentence; nothing is written.
+    """
+    if (images is None) == (split is None):
+        raise EmbedError("give exactly one of --images=PATH_OR_GLOB and --split=NAME.")
+    if batch_size < 1:
+        raise EmbedError(f"--batch_size must be >= 1, got {batch_size}.")
+    out_path = _check_out(out)
+    if images is not None:
+        paths = images_lib.expand(images)
+        if not paths:
+            raise EmbedError(
+                f"--images={images} matches no files; give an image file, a directory of "
+                "images, or a glob such as 'photos/*.png'."
+            )
+    else:
+        if split not in data_lib.SPLITS:
+            raise EmbedError(f"--split={split} is not a split; use one of {data_lib.SPLITS}.")
+        config = run_config(workdir)
+    model, meta = instance.load(workdir)
+    spec = data_lib.InputSpec.from_dict(meta["input_spec"])
+    record = {"workdir": str(workdir), "round_index": meta["round_index"], "arch": meta["arch"]}
+    if images is not None:
+        batch, kept, skipped = images_lib.read_all(paths, spec, skip_bad=skip_bad)
+        if not kept:
+            raise EmbedError(
+                f"none of the {len(paths)} files matched by --images={images} could be read as "
+                "an image; emb.json would be empty, so nothing was written."
+            )
+        record.update(source="images", images=images, files=kept, skipped=skipped)
+    else:
+        data_dir = data_dir or config["data_dir"] or data_lib.default_data_dir()
+        loaded = data_lib.load(config["dataset"], data_dir)
+        if loaded.spec.shape != spec.shape:
+            raise EmbedError(
+                f"{config['dataset']} in {data_dir} has images of shape {loaded.spec.shape}, but "
+                f"the run was trained on {spec.shape}; pass the run's --data_dir."
+            )
+        batch = loaded.split(split).images
+        record.update(
+            source="split",
+            dataset=config["dataset"],
+            split=split,
+            indices=list(range(len(batch))),
+            labels=loaded.split(split).labels.tolist(),
+        )
+    start = time.perf_counter()
+    embeddings = embed_images(model, spec, batch, batch_size)
+    seconds = time.perf_counter() - start
+    record.update(shape=list(embeddings.shape), dtype="float32", input_spec=spec.to_dict())
+    record_path = _write_outputs(out_path, embeddings, record)
+    skipped = f"; skipped {len(record['skipped'])} bad files" if record.get("skipped") else ""
+    print(
+        f"embedded {len(embeddings)} images -> {out_path} {embeddings.shape} float32 and "
+        f"{record_path} in {seconds:.2f} s with compilation{skipped}"
+    )
+    return record
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One sentence and exit 2, like `python -m jaxes.main`, not argparse's usage block.
+        print(f"jaxes: {message}; see `python -m jaxes.embed --help`.", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit code."""
+    parser = _Parser(prog="python -m jaxes.embed", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="a run of `python -m jaxes.main`")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="image file, directory, or glob ('**' recurses)")
+    source.add_argument("--split", choices=data_lib.SPLITS, help="a split of the run's data set")
+    parser.add_argument("--out", required=True, help="output .npy; the row record goes to .json")
+    parser.add_argument("--skip_bad", "--skip-bad", action="store_true", help="skip bad images")
+    parser.add_argument("--data_dir", help="TFDS data dir for --split (default: the run's)")
+    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE)
+    args = parser.parse_args(argv)
+    try:
+        embed(
+            args.workdir,
+            args.out,
+            images=args.images,
+            split=args.split,
+            skip_bad=args.skip_bad,
+            data_dir=args.data_dir,
+            batch_size=args.batch_size,
+        )
+    except USER_ERRORS as error:
+        print(f"jaxes: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
