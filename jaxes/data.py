@@ -1,13 +1,13 @@
 """Image classification data from TFDS array_record files, read without TensorFlow.
 
 ``digits`` (the default) is scikit-learn's bundled handwritten digits, written by the local TFDS
-builder ``jaxes_digits`` into ``data_dir`` on first use. Any other TFDS data set with a uint8
-``image`` of fixed shape and a ``label`` ClassLabel, prepared as array_record, loads by name.
+builder ``jaxes_digits`` (``jaxes.digits``) into ``data_dir`` on first use. Any other TFDS data set
+with a uint8 ``image`` of fixed shape and a ``label`` ClassLabel, prepared as array_record, loads
+by name.
 
 TensorFlow is never imported. TFDS 4.9.10 writes ``tf.train.Example`` records with its own protobuf
-copy; only some features call TF ops to encode (``Image`` from numpy calls ``tf.image.encode_png``).
-The digits image is therefore a raw uint8 ``Tensor`` feature, which numpy encodes and decodes and
-which reads about twice as fast as PNG. ``Image`` data sets decode with PIL, also without TF.
+copy; only some features call TF ops to encode (``Image`` from numpy calls ``tf.image.encode_png``),
+and ``Image`` data sets decode with PIL, also without TF.
 
 Public data sets (mnist, cifar10, ...) are downloaded once, which may need TensorFlow::
 
@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
 import os
 import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxes import digits as digits_lib
+
 DIGITS = "digits"
-SPLITS = ("train", "validation", "test")
+# Every data set's splits, by the names the digits builder writes.
+SPLITS = digits_lib.SPLITS
 # A data set without a validation split gives a fixed tenth of its train split to validation: the
 # last tenth of a permutation by the legacy RandomState (a stream numpy keeps fixed) of this seed.
 VALIDATION_FRACTION = 0.1
@@ -138,96 +140,6 @@ def default_data_dir() -> str:
     return os.environ.get("JAXES_DATA_DIR") or default
 
 
-def digits_split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Splits sample indices 60/20/20, stratified by label and deterministic.
-
-    Within each class, a permutation by the legacy `RandomState(0)` (a stream numpy keeps fixed
-    across versions) gives the first fifth to test, the next fifth to validation, the rest to
-    train. Each split's indices are sorted, so its records keep the source order.
-
-    Args:
-      labels: int labels of all samples.
-
-    Returns:
-      Sorted index arrays for train, validation and test.
-    """
-    rng = np.random.RandomState(0)
-    parts = {name: [] for name in SPLITS}
-    for label in np.unique(labels):
-        indices = rng.permutation(np.flatnonzero(labels == label))
-        fifth = int(0.2 * len(indices) + 0.5)
-        parts["test"].append(indices[:fifth])
-        parts["validation"].append(indices[fifth : 2 * fifth])
-        parts["train"].append(indices[2 * fifth :])
-    return {name: np.sort(np.concatenate(chunks)) for name, chunks in parts.items()}
-
-
-# Kept out of TFDS's global registry: importing jaxes changes no global state, and running this file
-# as `python -m jaxes.data` cannot collide with an imported copy. Prepared, it still loads by name:
-# `tfds.data_source("jaxes_digits", data_dir=...)` reads its info from disk.
-class JaxesDigits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """scikit-learn's digits as a TFDS data set: uint8 (8, 8, 1) images, 10 classes."""
-
-    VERSION = tfds.core.Version("1.0.0")
-    # Nothing is downloaded, so there is no checksums file to find next to the code. Looking for
-    # one makes TFDS 4.9.10 import `importlib_resources`, undeclared on Python >= 3.9
-    # (tensorflow/datasets#11212).
-    code_path = None
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        image = tfds.features.Tensor(
-            shape=(8, 8, 1), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES
-        )
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="scikit-learn's bundled UCI handwritten digits, 8x8, values 0..255.",
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": image,
-                    "label": tfds.features.ClassLabel(num_classes=10),
-                    "index": tfds.features.Scalar(dtype=np.int32, doc="Row in load_digits()."),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset",
-            disable_shuffling=True,  # records in generation order, not TFDS's key-hash order
-        )
-
-    def _split_generators(self, dl_manager):
-        del dl_manager  # the data ships with scikit-learn: nothing to download
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        # Integer rounding of v * 255 / 16 (half up): the same bytes on every platform.
-        images = ((digits.images.astype(np.int64) * 255 + 8) // 16).astype(np.uint8)
-        labels = digits.target.astype(np.int64)
-        return {
-            name: self._generate_examples(images, labels, indices)
-            for name, indices in digits_split_indices(labels).items()
-        }
-
-    def _generate_examples(self, images, labels, indices):
-        for index in map(int, indices):
-            example = {"image": images[index, :, :, None], "label": labels[index], "index": index}
-            yield index, example
-
-
-def prepare_digits(data_dir: str) -> tfds.core.DatasetBuilder:
-    """Writes the digits data set into `data_dir` unless it is there; returns its builder."""
-    builder = JaxesDigits(data_dir=data_dir)
-    if builder.is_prepared():
-        return builder
-    os.makedirs(data_dir, exist_ok=True)
-    # TFDS writes into a temp dir and renames it into place, but a second writer's rename would
-    # fail; the lock makes a second process wait, then reuse the first one's files.
-    with open(os.path.join(data_dir, f".{JaxesDigits.name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        builder = JaxesDigits(data_dir=data_dir, file_format="array_record")
-        if not builder.is_prepared():
-            builder.download_and_prepare(file_format="array_record")
-    return JaxesDigits(data_dir=data_dir)  # reads its info from disk, as every later load does
-
-
 def _prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     """Returns the builder of a prepared array_record TFDS data set, or raises DataError."""
     try:
@@ -302,8 +214,8 @@ def load(name: str = DIGITS, data_dir: str | os.PathLike | None = None) -> Data:
       DataError: the data set is unknown, unprepared, or not image classification.
     """
     data_dir = os.fspath(data_dir) if data_dir is not None else default_data_dir()
-    if name in (DIGITS, JaxesDigits.name):
-        builder = prepare_digits(data_dir)
+    if name in (DIGITS, digits_lib.JaxesDigits.name):
+        builder = digits_lib.prepare_digits(data_dir)
     else:
         builder = _prepared_builder(name, data_dir)
     spec = _input_spec(name, builder)
@@ -327,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", help=f"{DIGITS!r} or a TFDS dataset name")
     parser.add_argument("--data_dir", default=default_data_dir(), help="default: %(default)s")
     args = parser.parse_args(argv)
-    if args.name in (DIGITS, JaxesDigits.name):
-        prepare_digits(args.data_dir)
+    if args.name in (DIGITS, digits_lib.JaxesDigits.name):
+        digits_lib.prepare_digits(args.data_dir)
     else:
         try:
             builder = tfds.builder(args.name, data_dir=args.data_dir, file_format="array_record")

@@ -17,8 +17,20 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from jaxes import checkpoint, infer, instance, keys, models, report, search, sharding, stopping
+from jaxes import (
+    checkpoint,
+    infer,
+    instance,
+    keys,
+    models,
+    plot,
+    search,
+    sharding,
+    stopping,
+    tboard,
+)
 from jaxes import data as data_lib
+from jaxes import progress as progress_lib
 from jaxes import train as train_lib
 from jaxes import workdir as workdir_lib
 from jaxes.runconfig import check_config, make_strategy, make_tolerance
@@ -98,7 +110,7 @@ def _finish(config, workdir, data, mesh, tol, stop_reason, records, wall_seconds
             )
     if jax.process_index() == 0:
         workdir_lib.write_summary(workdir, summary)
-        report.plot_rounds(
+        plot.plot_rounds(
             records, Path(workdir) / "rounds.png", metric_name=config.metric, mode=config.mode
         )
     return summary
@@ -135,10 +147,10 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
         wall_before = state["wall_seconds"]
 
     start = time.monotonic()
-    progress = report.Progress(stream=stream or sys.stderr, live=live, enabled=is_primary)
+    progress = progress_lib.Progress(stream=stream or sys.stderr, live=live, enabled=is_primary)
     progress.resume(records)
     # On resume, drop TensorBoard events past the committed round (a kill may have left them).
-    writer = report.ScalarWriter(
+    writer = tboard.ScalarWriter(
         Path(workdir) / "tensorboard", enabled=is_primary, purge_step=tol.round if state else None
     )
     with progress, writer, ckpt:
@@ -196,5 +208,5 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
         wall = wall_before + time.monotonic() - start
         summary = _finish(config, workdir, data, mesh, tol, stop_reason, records, wall)
     if is_primary:
-        print(report.summary_table(summary, records), file=stream or sys.stdout)
+        print(progress_lib.summary_table(summary, records), file=stream or sys.stdout)
     return summary

@@ -5,6 +5,7 @@
   short runs of the end-to-end tests compile each program once. A cached executable is the
   same program, so bitwise-reproducibility tests still compare like with like.
 * One prepared digits data dir per session.
+* Round records of a small made-up run, for the plot, TensorBoard and progress tests.
 """
 
 import os
@@ -55,3 +56,76 @@ def smoke_run(tmp_path_factory, digits_data_dir) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     return path
+
+
+def _round_records(metrics, *, patience=3, budget=6):
+    """Round records for a max-mode run, following DESIGN.md §3 (ties reset, budget extension).
+
+    A None metric is a failed round: it counts as below the best.
+    """
+    records, best, best_round, streak = [], None, None, 0
+    for round_index, metric in enumerate(metrics):
+        improved = metric is not None and (best is None or metric > best)
+        if improved:
+            best, best_round, streak = metric, round_index, 0
+        elif metric is not None and metric >= best:
+            streak = 0
+        else:
+            streak += 1
+        count = round_index + 1
+        stopped = streak >= patience
+        if not stopped and patience > budget - count:
+            budget = count + patience
+        records.append(
+            {
+                "round_index": round_index,
+                "status": "ok" if metric is not None else "failed",
+                "message": None if metric is not None else f"loss became nan at epoch {count}",
+                "arch": {"backbone": "mlp", "depth": 2, "width": 64 * count, "embed_dim": 32},
+                "seed": 0,
+                "dropout_rate": 0.1 + 0.01 * round_index,
+                "log_rate": -2.0,
+                "epochs": 10 + round_index,
+                "best_epoch": 5,
+                "metric": metric,
+                "val_loss": 0.5 - 0.01 * round_index,
+                "val_accuracy": metric,
+                "train_loss": 0.3,
+                "improved": improved,
+                "best": best,
+                "best_round": best_round,
+                "streak": streak,
+                "patience": patience,
+                "rounds_budget": budget,
+                "stopped": stopped,
+                "reason": "patience" if stopped else None,
+                "wall_seconds": 2.0 + round_index,
+            }
+        )
+        if stopped:
+            break
+    return records
+
+
+# A failed round (2), budget extensions (6 -> 7 -> 8 -> 9) and a stop by patience at round 6.
+_RUN_METRICS = [0.90, 0.95, None, 0.96, 0.94, 0.93, 0.92]
+
+
+@pytest.fixture
+def make_records():
+    """Builds round records from metrics (None: a failed round); see `_round_records`."""
+    return _round_records
+
+
+@pytest.fixture
+def run_metrics():
+    """The metrics of the standard run (a fresh list: tests may not share mutations)."""
+    return list(_RUN_METRICS)
+
+
+@pytest.fixture
+def run_records(make_records, run_metrics):
+    """The standard run's records: a failed round, budget extensions, a stop by patience."""
+    records = make_records(run_metrics)
+    assert records[-1]["stopped"] and records[-1]["rounds_budget"] > records[0]["rounds_budget"]
+    return records

@@ -217,7 +217,7 @@ class TinyRgb(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """A stand-in for mnist/cifar10: PNG Image feature, ClassLabel, and no validation split."""
 
     VERSION = tfds.core.Version("1.0.0")
-    code_path = None  # see JaxesDigits.code_path
+    code_path = None  # see jaxes.digits.JaxesDigits.code_path
 
     def _info(self):
         features = {
