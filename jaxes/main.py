@@ -10,6 +10,8 @@ Exit codes: 0 done, 2 bad command line / config / workdir / data (one sentence o
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import sys
 
 import jax
@@ -44,17 +46,38 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def _one_line(text: str) -> str:
+    """The gist of an error text: a traceback collapses to its final line."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip(" .")]
+    if len(lines) > 1 and any(line.startswith("Traceback") for line in lines):
+        return f"{lines[0].rstrip(':')}: {lines[-1]}"
+    return " ".join(lines).rstrip(".") + "."
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, but a bad flag or config override exits 2 with one sentence."""
     try:
         rest = flags.FLAGS(argv)
     except flags.Error as e:
-        fail(f"{e}.".replace("..", "."))
+        fail(_one_line(e))
     except (ValueError, KeyError, AttributeError, TypeError) as e:
         # ml_collections raises these for a bad --config file or override.
-        fail(f"bad --config: {e}")
+        text = str(e)
+        with contextlib.suppress(ValueError, SyntaxError):
+            text = str(ast.literal_eval(text))  # a KeyError's message arrives quoted
+        name, *hint = text.splitlines() or [""]
+        if hint and hint[0].startswith("Did you mean"):  # an unknown --config.FIELD
+            fail(f"the config has no field {name}. {hint[0]}")
+        fail(f"bad --config: {_one_line(text)}")
     if flags.FLAGS.config is None:
         fail("--config is required, e.g. --config=configs/digits.py.")
+    try:
+        flags.FLAGS.config.to_dict()  # a config file that failed to load raises only on use
+    except OSError as e:
+        reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+        fail(
+            f"cannot load --config={flags.FLAGS['config'].serialize().split('=', 1)[-1]}: {reason}"
+        )
     if not flags.FLAGS.workdir:
         fail("--workdir is required, e.g. --workdir=runs/digits.")
     return rest

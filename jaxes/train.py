@@ -1,20 +1,20 @@
 """One round: train an instance to convergence (claim 1), on a ``("data",)`` mesh.
 
-The functional boundary is ``nnx.split``: parameters and optimizer state are plain pytrees, the
-steps are pure and compiled once per (graph, hyper-parameters, mesh), buffers are donated.
+The compiled programs live in ``steps``; this module chooses how to drive them and when to stop.
 
 Epoch drivers (a static choice, never timed at run time, so one config always runs one program):
-  * ``scan``: data lives on the device; an epoch is one ``lax.scan`` over a keyed permutation.
-  * ``unrolled``: the same scan, fully unrolled (XLA:CPU runs conv weight gradients slowly
-    inside while loops, jax-ml/jax#12868).
-  * ``host``: a Python loop feeding host batches (prefetched) to a jitted step. Used when the
-    data does not fit ``device_memory_fraction`` of device memory; same batches, same order.
+  * ``scan``: data lives on the device; an epoch is one ``lax.scan`` over a keyed permutation,
+    with no host round trip per step.
+  * ``unrolled``: the same scan, fully unrolled. It sidesteps XLA:CPU's slow conv weight
+    gradient inside while loops (jax-ml/jax#12868) but compiles ~3x longer than ``host``.
+  * ``host``: a Python loop feeding host batches, prefetched on a thread, to a jitted step.
+    Also used whenever the data does not fit ``device_memory_fraction`` of device memory: the
+    batches and their order are the same for the same key.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import threading
 from collections.abc import Callable
@@ -23,33 +23,23 @@ from queue import Queue
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from jaxes import data as data_lib
-from jaxes import infer, keys, models, sharding, stopping
+from jaxes import infer, keys, models, sharding, steps, stopping
 
 DRIVERS = ("scan", "unrolled", "host")
 
-# Measured ahead of time by benchmarks/train_throughput.py (README): which driver is fastest
-# per (backbone, platform). Static on purpose; see the module docstring.
+# Measured ahead of time by benchmarks/train_throughput.py (README, 2-core CPU): the fastest
+# driver per (backbone, platform), counting compile time. Static on purpose (module docstring).
+# MLP on CPU: scan runs 3.0-3.7x the plain host loop. CNN on CPU: scan runs at 0.1x (#12868);
+# unrolled matches host's step rate within noise but compiles ~3x longer, and a partial unroll
+# keeps the slow while loop. Other platforms default to scan.
 DRIVER_TABLE = {
     ("mlp", "cpu"): "scan",
-    ("cnn", "cpu"): "unrolled",
+    ("cnn", "cpu"): "host",
 }
 DEFAULT_DRIVER = "scan"
-
-
-@dataclasses.dataclass(frozen=True)
-class HParams:
-    """Everything static about the compiled steps (hashable: part of the compile cache key)."""
-
-    spec: data_lib.InputSpec
-    batch_size: int
-    steps_per_epoch: int
-    learning_rate: float
-    weight_decay: float
-    driver: str
 
 
 @dataclasses.dataclass
@@ -81,94 +71,6 @@ def choose_driver(backbone: str, requested: str, platform: str) -> str:
     return requested
 
 
-def _loss_fn(graphdef, params, rest, images, labels, key, spec):
-    model = nnx.merge(graphdef, params, rest)
-    logits = model.logits(data_lib.normalize(images, spec), key)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-def _optimizer(h: HParams):
-    return optax.adamw(h.learning_rate, weight_decay=h.weight_decay)
-
-
-def _step(graphdef, h, mesh, carry, images, labels, dropout_key, step):
-    params, opt_state, rest = carry
-    images = jax.lax.with_sharding_constraint(images, sharding.batch_sharded(mesh))
-    labels = jax.lax.with_sharding_constraint(labels, sharding.batch_sharded(mesh))
-    key = jax.random.fold_in(dropout_key, step)
-    loss, grads = jax.value_and_grad(_loss_fn, argnums=1)(
-        graphdef, params, rest, images, labels, key, h.spec
-    )
-    updates, opt_state = _optimizer(h).update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state, rest), loss
-
-
-def epoch_order(data_key, epoch: int, num_examples: int, h: HParams):
-    """The (steps, batch) example indices of one epoch: a keyed permutation, remainder dropped."""
-    perm = jax.random.permutation(keys.epoch_key(data_key, epoch), num_examples)
-    return perm[: h.steps_per_epoch * h.batch_size].reshape(h.steps_per_epoch, h.batch_size)
-
-
-def _scan_epoch(graphdef, h, mesh, carry, images, labels, data_key, dropout_key, epoch):
-    order = epoch_order(data_key, epoch, images.shape[0], h)
-    first = epoch * h.steps_per_epoch
-
-    def body(carry, xs):
-        index, offset = xs
-        return _step(graphdef, h, mesh, carry, images[index], labels[index], dropout_key, offset)
-
-    unroll = h.steps_per_epoch if h.driver == "unrolled" else 1
-    steps = first + jnp.arange(h.steps_per_epoch)
-    carry, losses = jax.lax.scan(body, carry, (order, steps), unroll=unroll)
-    return carry, losses.mean()
-
-
-# Any value < 0 passes the model's check; the round's own log-rate replaces it after init.
-_PLACEHOLDER_LOG_RATE = -1.0
-
-
-@functools.lru_cache(maxsize=64)
-def initializer(arch: models.Arch, input_shape: tuple, num_classes: int, mesh):
-    """The graph of ``arch`` and a jitted ``init(key, log_rate) -> (params, log_rates)``.
-
-    One compiled init per architecture, instead of one eager compile per parameter shape.
-    """
-
-    def split(key):
-        model = models.build(arch, input_shape, num_classes, key, _PLACEHOLDER_LOG_RATE)
-        return nnx.split(model, nnx.Param, models.LogRate)
-
-    graphdef = nnx.eval_shape(lambda: split(jax.random.key(0)))[0]
-
-    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
-    def init(key, log_rate):
-        _, params, rates = split(key)
-        return params, jax.tree.map(lambda x: jnp.full_like(x, log_rate), rates)
-
-    return graphdef, init
-
-
-@functools.lru_cache(maxsize=64)
-def compiled(graphdef, h: HParams, mesh):
-    """The jitted init/step/epoch functions of one (graph, hyper-parameters, mesh)."""
-    rep = sharding.replicated(mesh)
-    batch = sharding.batch_sharded(mesh)
-    init = jax.jit(lambda params: _optimizer(h).init(params), out_shardings=rep)
-    step = jax.jit(
-        functools.partial(_step, graphdef, h, mesh),
-        in_shardings=(rep, batch, batch, rep, rep),
-        out_shardings=(rep, rep),
-        donate_argnums=0,
-    )
-    epoch = jax.jit(
-        functools.partial(_scan_epoch, graphdef, h, mesh),
-        in_shardings=(rep, rep, rep, rep, rep, rep),
-        out_shardings=(rep, rep),
-        donate_argnums=0,
-    )
-    return init, step, epoch
-
-
 def _prefetched(batches, depth: int):
     """Runs the ``batches`` generator on a thread, ``depth`` items ahead of the consumer."""
     queue: Queue = Queue(maxsize=depth)
@@ -189,9 +91,9 @@ def _prefetched(batches, depth: int):
         yield item
 
 
-def _host_epoch(step_fn, carry, split, data_key, dropout_key, epoch, h, mesh):
+def host_epoch(step_fn, carry, split, data_key, dropout_key, epoch, h, mesh):
     """One epoch streamed from the host: batches gathered and placed on a prefetch thread."""
-    order = np.asarray(epoch_order(data_key, epoch, len(split.labels), h))
+    order = np.asarray(steps.epoch_order(data_key, epoch, len(split.labels), h))
     batch = sharding.batch_sharded(mesh)
 
     def batches():
@@ -245,8 +147,8 @@ def to_convergence(
     mesh = sharding.make_mesh() if mesh is None else mesh
     sharding.check_batch_size(config.batch_size, mesh)
     train_split = data.train
-    steps = len(train_split.labels) // config.batch_size
-    if steps < 1:
+    steps_per_epoch = len(train_split.labels) // config.batch_size
+    if steps_per_epoch < 1:
         raise ValueError(
             f"batch_size={config.batch_size} exceeds the {len(train_split.labels)} training "
             "examples; lower train.batch_size."
@@ -254,14 +156,19 @@ def to_convergence(
     driver = choose_driver(arch.backbone, config.epoch_driver, mesh.devices.flat[0].platform)
     if driver != "host" and not fits_on_device(train_split, config.device_memory_fraction, mesh):
         driver = "host"
-    h = HParams(
-        data.spec, config.batch_size, steps, config.learning_rate, config.weight_decay, driver
+    h = steps.HParams(
+        spec=data.spec,
+        batch_size=config.batch_size,
+        steps_per_epoch=steps_per_epoch,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        driver=driver,
     )
     round_keys = keys.RoundKeys.of(key)
     log_rate = models.draw_log_rate(round_keys.dropout_rate, config.dropout_rate)
-    graphdef, init_model = initializer(arch, data.spec.shape, data.spec.num_classes, mesh)
+    graphdef, init_model = steps.initializer(arch, data.spec.shape, data.spec.num_classes, mesh)
     params, rest = init_model(round_keys.init, log_rate)
-    init_fn, step_fn, epoch_fn = compiled(graphdef, h, mesh)
+    init_fn, step_fn, epoch_fn = steps.compiled(graphdef, h, mesh)
     rep = sharding.replicated(mesh)
     carry = (params, init_fn(params), rest)
     if driver != "host":
@@ -279,7 +186,7 @@ def to_convergence(
     history, best_state, best_metrics, best_epoch = [], None, {}, -1
     for epoch in range(config.max_epochs):
         if driver == "host":
-            carry, train_loss = _host_epoch(
+            carry, train_loss = host_epoch(
                 step_fn, carry, train_split, round_keys.data, round_keys.dropout, epoch, h, mesh
             )
         else:

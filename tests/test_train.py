@@ -132,13 +132,13 @@ def test_host_driver_matches_device_driver_and_low_memory_forces_it(digits, monk
     on_device = train.to_convergence(models.Arch(), digits, key, config)
 
     host_epochs = []
-    host_epoch = train._host_epoch
+    host_epoch = train.host_epoch
 
     def spy(*args, **kwargs):
         host_epochs.append(args[5])  # the epoch index
         return host_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(train, "_host_epoch", spy)
+    monkeypatch.setattr(train, "host_epoch", spy)
     config.device_memory_fraction = 1e-12  # digits no longer "fits": the host streams it
     streamed = train.to_convergence(models.Arch(), digits, key, config)
     assert host_epochs == list(range(config.max_epochs))
@@ -165,20 +165,20 @@ _SHARDED_STEP = textwrap.dedent(
     import numpy as np
     from flax import nnx
 
-    from jaxes import data, models, sharding, train
+    from jaxes import data, models, sharding, steps
 
     images, labels = np.load(sys.argv[1]), np.load(sys.argv[2])
     spec = data.InputSpec(**json.loads(sys.argv[3]))
     params_file = sys.argv[4]
     model = models.build(models.Arch(), spec.shape, spec.num_classes, jax.random.key(0), -1.5)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    hparams = train.HParams(spec, len(labels), 1, 1e-3, 1e-4, "host")
+    hparams = steps.HParams(spec, len(labels), 1, 1e-3, 1e-4, "host")
     dropout_key = jax.random.key(7)
     out = {"device_count": jax.device_count()}
     arrays = {f"start_{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(params))}
     for devices in (1, 8):
         mesh = sharding.make_mesh(jax.devices()[:devices])
-        init_fn, step_fn, _ = train.compiled(graphdef, hparams, mesh)
+        init_fn, step_fn, _ = steps.compiled(graphdef, hparams, mesh)
         replicated = sharding.replicated(mesh)
         start = sharding.put_tree(params, replicated)
         carry = (start, init_fn(start), sharding.put_tree(rest, replicated))
