@@ -36,7 +36,7 @@ from jaxes import workdir as workdir_lib
 from jaxes.runconfig import check_config, make_strategy, make_tolerance
 
 
-def _round_record(t, choice, result, tol, config, seconds) -> dict:
+def _round_record(t, choice, result, tol, config, round_key, seconds) -> dict:
     metric = None if result.failed else result.metrics[config.metric]
     return {
         "round_index": t,
@@ -44,6 +44,8 @@ def _round_record(t, choice, result, tol, config, seconds) -> dict:
         "message": result.message,
         "arch": choice,
         "seed": config.seed,
+        # The raw round key: every stream of the round (init, data order, dropout) derives from it.
+        "round_key": [int(v) for v in jax.random.key_data(round_key).ravel()],
         "log_rate": result.log_rate,
         "dropout_rate": math.exp(result.log_rate),
         "epochs": result.epochs,
@@ -178,7 +180,9 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
             fitness = None if result.failed else (metric if config.mode == "max" else -metric)
             strategy_state = strategy.observe(pending, choice, fitness, t)
             tol = stopping.update(tol, metric)
-            record = _round_record(t, choice, result, tol, config, time.monotonic() - round_start)
+            record = _round_record(
+                t, choice, result, tol, config, round_key, time.monotonic() - round_start
+            )
             if is_primary:
                 workdir_lib.append_round(workdir, record)
             if tol.improved:

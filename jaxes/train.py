@@ -5,8 +5,8 @@ The compiled programs live in ``steps``; this module chooses how to drive them a
 Epoch drivers (a static choice, never timed at run time, so one config always runs one program):
   * ``scan``: data lives on the device; an epoch is one ``lax.scan`` over a keyed permutation,
     with no host round trip per step.
-  * ``unrolled``: the same scan, fully unrolled. It sidesteps XLA:CPU's slow conv weight
-    gradient inside while loops (jax-ml/jax#12868) but compiles ~3x longer than ``host``.
+  * ``unrolled``: the same scan, fully unrolled: a fallback for ops that XLA:CPU runs slowly
+    inside while loops (jax-ml/jax#12868); it compiles several times longer.
   * ``host``: a Python loop feeding host batches, prefetched on a thread, to a jitted step.
     Also used whenever the data does not fit ``device_memory_fraction`` of device memory: the
     batches and their order are the same for the same key.
@@ -32,12 +32,12 @@ DRIVERS = ("scan", "unrolled", "host")
 
 # Measured ahead of time by benchmarks/train_throughput.py (README, 2-core CPU): the fastest
 # driver per (backbone, platform), counting compile time. Static on purpose (module docstring).
-# MLP on CPU: scan runs 3.0-3.7x the plain host loop. CNN on CPU: scan runs at 0.1x (#12868);
-# unrolled matches host's step rate within noise but compiles ~3x longer, and a partial unroll
-# keeps the slow while loop. Other platforms default to scan.
+# CPU: scan runs the MLP at ~3x and the CNN at ~1.4x the plain host loop. The CNN scans fast
+# only because models.Conv3x3 avoids XLA:CPU's conv kernels (#12868: 40x slower in a loop);
+# unrolled never won and compiles 3-5x longer. Other platforms default to scan.
 DRIVER_TABLE = {
     ("mlp", "cpu"): "scan",
-    ("cnn", "cpu"): "host",
+    ("cnn", "cpu"): "scan",
 }
 DEFAULT_DRIVER = "scan"
 

@@ -85,6 +85,17 @@ def test_conv_blocks_are_3x3_convolutions():
     assert kernels == [(3, 3, 1, 6), (3, 3, 6, 6)]
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 8, 1), (3, 5, 7, 4)])
+def test_conv3x3_equals_a_same_padded_xla_convolution(shape):
+    layer = models.Conv3x3(shape[-1], 6, rngs=nnx.Rngs(3))
+    layer.bias[...] = jax.random.normal(jax.random.key(4), (6,))
+    x = jax.random.normal(jax.random.key(5), shape)
+    reference = jax.lax.conv_general_dilated(
+        x, layer.kernel[...], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    np.testing.assert_allclose(layer(x), reference + layer.bias[...], rtol=1e-5, atol=1e-5)
+
+
 def test_feature_block_rejects_unknown_kind():
     with pytest.raises(ValueError, match="kind"):
         models.FeatureBlock("lstm", 4, 4, -1.0, rngs=nnx.Rngs(0))

@@ -231,3 +231,38 @@ def test_two_processes_match_one(reference, tmp_path, digits_data_dir):
     one, two = workdir.read_summary(reference), workdir.read_summary(tmp_path)
     assert two["best_round"] == one["best_round"]
     assert abs(two["best_metric"] - one["best_metric"]) <= 1e-3
+
+
+def test_a_diverging_round_is_recorded_as_failed_and_the_run_goes_on(
+    tmp_path, digits_data_dir, monkeypatch
+):
+    """Round 1 trains with a learning rate that makes its loss non-finite (real divergence)."""
+    import importlib.util
+
+    from jaxes import rounds, train
+
+    spec = importlib.util.spec_from_file_location("digits_config", ROOT / "configs" / "digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("smoke")
+    config.data_dir = str(digits_data_dir)
+    config.tolerance.r = -0.1  # tolerance 3 of 4 rounds: a failure alone cannot end the run
+    real = train.to_convergence
+    calls = []
+
+    def diverge_in_round_one(arch, data, key, train_config, **kwargs):
+        calls.append(arch)
+        if len(calls) == 2:
+            train_config = train_config.copy_and_resolve_references()
+            train_config.learning_rate = 1e30
+        return real(arch, data, key, train_config, **kwargs)
+
+    monkeypatch.setattr(train, "to_convergence", diverge_in_round_one)
+    summary = rounds.run(config, tmp_path, stream=open(os.devnull, "w"))  # noqa: SIM115
+    records = workdir.read_rounds(tmp_path)
+    assert [r["status"] for r in records][:3] == ["ok", "failed", "ok"]
+    failed = records[1]
+    assert failed["metric"] is None and "epoch" in failed["message"]
+    assert failed["streak"] == records[0]["streak"] + 1  # a failure counts as below the best
+    assert summary["rounds_run"] == len(records) >= 3
+    assert summary["best_round"] != 1
