@@ -10,20 +10,15 @@ prepared data the run exits 2 with the command above. Validation is the last 10%
 permutation of the train split (see jaxes/data.py).
 """
 
-import importlib.util
 import pathlib
+import runpy
 
-
-def _digits():
-    path = pathlib.Path(__file__).with_name("digits.py")
-    spec = importlib.util.spec_from_file_location("jaxes_configs_digits", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# The default config, loaded by path: config files are not a package.
+_digits = runpy.run_path(str(pathlib.Path(__file__).with_name("digits.py")))
 
 
 def get_config():
-    config = _digits().get_config()
+    config = _digits["get_config"]()
     config.dataset = "mnist"
     config.rounds = 16
     config.search.population = 6

@@ -14,7 +14,6 @@ Exit codes: 0 done, 2 bad input (one sentence on stderr; nothing is written).
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -26,7 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxes import checkpoint, infer, instance, sharding
+from jaxes import checkpoint, cli, infer, instance, sharding
 from jaxes import data as data_lib
 from jaxes import images as images_lib
 from jaxes import workdir as workdir_lib
@@ -192,16 +191,9 @@ def embed(
     return record
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # One sentence and exit 2, like `python -m jaxes.main`, not argparse's usage block.
-        print(f"jaxes: {message}; see `python -m jaxes.embed --help`.", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit code."""
-    parser = _Parser(prog="python -m jaxes.embed", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser(prog="python -m jaxes.embed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="a run of `python -m jaxes.main`")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="image file, directory, or glob ('**' recurses)")
@@ -222,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
         )
     except USER_ERRORS as error:
-        print(f"jaxes: {error}", file=sys.stderr)
-        return 2
+        cli.fail(str(error))
     return 0
 
 

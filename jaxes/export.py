@@ -18,7 +18,6 @@ Exit codes: 0 done, 2 bad input (one sentence on stderr; nothing is written).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import jaxes
-from jaxes import checkpoint, instance, models
+from jaxes import checkpoint, cli, instance, models
 from jaxes import data as data_lib
 from jaxes import workdir as workdir_lib
 
@@ -182,23 +181,16 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike) -> dict:
     return content
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"jaxes: {message}; see `python -m jaxes.export --help`.", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit code."""
-    parser = _Parser(prog="python -m jaxes.export", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser(prog="python -m jaxes.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="a run of `python -m jaxes.main`")
     parser.add_argument("--out", required=True, help="a new or empty directory")
     args = parser.parse_args(argv)
     try:
         content = export(args.workdir, args.out)
     except (ExportError, checkpoint.CheckpointError) as error:
-        print(f"jaxes: {error}", file=sys.stderr)
-        return 2
+        cli.fail(str(error))
     size = (Path(args.out) / MODEL_FILE).stat().st_size
     print(
         f"exported {models.Arch.from_dict(content['arch']).short()} ({content['metric']['name']} "

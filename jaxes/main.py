@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxes import checkpoint, data, rounds, runconfig, search, workdir
+from jaxes.cli import fail
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/digits.py[:variant].", lock_config=True
@@ -38,12 +38,6 @@ USER_ERRORS = (
     search.SearchError,
     checkpoint.CheckpointError,
 )
-
-
-def fail(message: str) -> None:
-    """Prints one sentence to stderr and exits 2."""
-    print(f"jaxes: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def _one_line(text: str) -> str:

@@ -20,16 +20,9 @@ FRACTIONS = {"train": 0.6, "validation": 0.2, "test": 0.2}
 
 
 @pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    """A data dir where digits is prepared once for the whole module."""
-    data_dir = tmp_path_factory.mktemp("tfds")
-    data.load("digits", data_dir)
-    return data_dir
-
-
-@pytest.fixture(scope="module")
-def digits(digits_dir):
-    return data.load("digits", digits_dir)
+def digits_dir(digits_data_dir):
+    """The session's prepared digits dir (tests/conftest.py)."""
+    return digits_data_dir
 
 
 def _record_indices(data_dir):

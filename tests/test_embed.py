@@ -38,11 +38,6 @@ def read_output(out: Path) -> tuple[np.ndarray, dict]:
 
 
 @pytest.fixture(scope="module")
-def run_dir(smoke_run):
-    return smoke_run
-
-
-@pytest.fixture(scope="module")
 def image_root(tmp_path_factory, digits):
     """Test images as files: 8x8 gray; 32x32 RGB upscaled bilinear and nearest; 16x16 RGBA."""
     root = tmp_path_factory.mktemp("images")
@@ -91,7 +86,7 @@ def _folder(root: Path, image_root: Path, bad_kinds) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cli(run_dir, image_root, tmp_path_factory):
+def cli(smoke_run, image_root, tmp_path_factory):
     """Every command of this module, as concurrent processes (each spends most of its time
     importing JAX, so together they take about half as long on 2 cores).
 
@@ -101,17 +96,21 @@ def cli(run_dir, image_root, tmp_path_factory):
     base = tmp_path_factory.mktemp("cli")
     unfinished = base / "unfinished"  # a run killed before its first best instance
     (unfinished / "checkpoints").mkdir(parents=True)
-    (unfinished / workdir.CONFIG).write_text((run_dir / workdir.CONFIG).read_text())
+    (unfinished / workdir.CONFIG).write_text((smoke_run / workdir.CONFIG).read_text())
     scenarios = {
-        "test": (run_dir, "--split=test"),
-        "train": (run_dir, "--split=train"),
-        "files": (run_dir, f"--images={image_root}/*/*.png"),
-        "skip_bad": (run_dir, f"--images={_folder(base / 'mixed', image_root, BAD)}", "--skip-bad"),
-        "empty_glob": (run_dir, f"--images={base}/nothing/*.png"),
+        "test": (smoke_run, "--split=test"),
+        "train": (smoke_run, "--split=train"),
+        "files": (smoke_run, f"--images={image_root}/*/*.png"),
+        "skip_bad": (
+            smoke_run,
+            f"--images={_folder(base / 'mixed', image_root, BAD)}",
+            "--skip-bad",
+        ),
+        "empty_glob": (smoke_run, f"--images={base}/nothing/*.png"),
         "unfinished": (unfinished, f"--images={image_root}/gray"),
     }
     for kind in BAD:
-        scenarios[kind] = (run_dir, f"--images={_folder(base / kind, image_root, [kind])}")
+        scenarios[kind] = (smoke_run, f"--images={_folder(base / kind, image_root, [kind])}")
     before = sorted(unfinished.rglob("*"))
     procs = {
         name: start_embed(f"--workdir={workdir_path}", *args, f"--out={base / name / 'emb.npy'}")
@@ -135,7 +134,7 @@ def rows_of(cli, sub: str) -> np.ndarray:
     return emb[rows]
 
 
-def test_split_embeddings_reproduce_the_runs_knn(cli, run_dir, digits):
+def test_split_embeddings_reproduce_the_runs_knn(cli, smoke_run, digits):
     (test_emb, test_record), (train_emb, train_record) = output(cli, "test"), output(cli, "train")
     assert test_emb.dtype == np.float32 and test_emb.shape[0] == len(digits.test)
     assert test_record["split"] == "test" and test_record["shape"] == list(test_emb.shape)
@@ -143,7 +142,7 @@ def test_split_embeddings_reproduce_the_runs_knn(cli, run_dir, digits):
     assert test_record["labels"] == digits.test.labels.tolist()
     knn = infer.knn_top1(train_emb, train_record["labels"], test_emb, test_record["labels"])
     # The same instance on the same data as the run's own kNN: at most a near-tie may flip.
-    assert abs(knn - workdir.read_summary(run_dir)["knn_top1"]) <= 1 / len(digits.test)
+    assert abs(knn - workdir.read_summary(smoke_run)["knn_top1"]) <= 1 / len(digits.test)
 
 
 def test_files_are_listed_in_sorted_order(cli, image_root):
@@ -175,7 +174,7 @@ def test_bilinear_rgb_files_map_back_to_their_area_average_luma(image_root, digi
     assert np.abs(converted - expected).max() <= 1.0
 
 
-def test_bilinear_rgb_files_keep_the_knn_accuracy(cli, run_dir, digits):
+def test_bilinear_rgb_files_keep_the_knn_accuracy(cli, smoke_run, digits):
     """Bilinear 8->32 then area 32->8 blurs each digit (mean |change| ~18/255), so exact equality
     is not expected: the smoke model's kNN top-1 drops from 0.958 to 0.922 on them (measured).
     A wrong conversion falls far lower (measured: inverted 0.03, transposed 0.09, upscaled but
@@ -184,7 +183,7 @@ def test_bilinear_rgb_files_keep_the_knn_accuracy(cli, run_dir, digits):
     train_emb, train_record = output(cli, "train")
     files_emb = rows_of(cli, "rgb_bilinear")
     knn = infer.knn_top1(train_emb, train_record["labels"], files_emb, digits.test.labels)
-    assert knn >= workdir.read_summary(run_dir)["knn_top1"] - 0.05
+    assert knn >= workdir.read_summary(smoke_run)["knn_top1"] - 0.05
 
 
 def assert_one_sentence_exit_2(cli, name: str, *needles: str) -> None:

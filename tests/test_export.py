@@ -57,23 +57,18 @@ def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def run_dir(smoke_run):
-    return smoke_run
-
-
-@pytest.fixture(scope="module")
-def cli(run_dir, tmp_path_factory):
+def cli(smoke_run, tmp_path_factory):
     """Export, embed the test split, and export into a non-empty directory, concurrently."""
     base = tmp_path_factory.mktemp("export")
     occupied = base / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("not ours\n")
     procs = {
-        "export": start("-m", "jaxes.export", f"--workdir={run_dir}", f"--out={base / 'model'}"),
+        "export": start("-m", "jaxes.export", f"--workdir={smoke_run}", f"--out={base / 'model'}"),
         "embed": start(
-            "-m", "jaxes.embed", f"--workdir={run_dir}", "--split=test", f"--out={base / 'e.npy'}"
+            "-m", "jaxes.embed", f"--workdir={smoke_run}", "--split=test", f"--out={base / 'e.npy'}"
         ),
-        "occupied": start("-m", "jaxes.export", f"--workdir={run_dir}", f"--out={occupied}"),
+        "occupied": start("-m", "jaxes.export", f"--workdir={smoke_run}", f"--out={occupied}"),
     }
     results = {name: finish(proc) for name, proc in procs.items()}
     for name in ("export", "embed"):
@@ -97,10 +92,10 @@ def test_export_runs_without_flax_and_matches_embed(cli, digits):
         np.testing.assert_allclose(served[f"batch_{size}"], cli["embeddings"][rows], atol=1e-5)
 
 
-def test_manifest_describes_the_instance(cli, run_dir, digits):
+def test_manifest_describes_the_instance(cli, smoke_run, digits):
     manifest = json.loads((cli["export_dir"] / "manifest.json").read_text())
-    summary = workdir.read_summary(run_dir)
-    config = json.loads((run_dir / workdir.CONFIG).read_text())
+    summary = workdir.read_summary(smoke_run)
+    config = json.loads((smoke_run / workdir.CONFIG).read_text())
     assert manifest["input"]["shape"] == ["b", *digits.spec.shape]
     assert manifest["input"]["dtype"] == "uint8"
     assert manifest["embedding_size"] == cli["embeddings"].shape[1]
