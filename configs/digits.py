@@ -5,7 +5,10 @@ Command (what `make run` does):
 
 Variants by argument: `configs/digits.py:smoke` (a seconds-long run for tests).
 
-Time and result on the 2-core CPU dev machine: see README "Results" (measured, not guessed).
+On the 2-core CPU dev machine (2026-11-27): 67 s; 18 rounds (tolerance 4, budget extended 12 -> 21,
+stopped by patience); best instance round 9, MLP 2x256 embedding 64: validation and test accuracy
+0.9805, kNN top-1 of its test embeddings 0.9777. The smoke variant: ~15 s, two rounds (tolerance
+1), test accuracy ~0.83.
 Every field is declared here with its default; other configs import this one and override.
 """
 
