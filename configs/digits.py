@@ -7,8 +7,8 @@ Variants by argument: `configs/digits.py:smoke` (a seconds-long run for tests).
 
 On the 2-core CPU dev machine (2026-11-27): 67 s; 18 rounds (tolerance 4, budget extended 12 -> 21,
 stopped by patience); best instance round 9, MLP 2x256 embedding 64: validation and test accuracy
-0.9805, kNN top-1 of its test embeddings 0.9777. The smoke variant: ~15 s, two rounds (tolerance
-1), test accuracy ~0.83.
+0.9805, kNN top-1 of its test embeddings 0.9777. The smoke variant: ~20 s, four rounds (tolerance
+2, budget extended 4 -> 5), test accuracy ~0.7.
 Every field is declared here with its default; other configs import this one and override.
 """
 
@@ -72,7 +72,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.knn = True
 
     if variant == "smoke":
-        config.seed = 0  # tolerance 1: two rounds, the shortest run that still judges a round
+        # r = -0.542: tolerance 2 of 4 rounds; the run extends its budget to 5 and stops by
+        # patience after 4 rounds, so the tests see an extension and rounds after round 2.
+        config.seed = 6
         config.rounds = 4
         config.search.strategy = "random"
         config.search.space.depth = (1,)
