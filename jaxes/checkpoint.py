@@ -266,6 +266,21 @@ class Checkpointer:
         if self._pending_round is not None and self._pending_round > round_index:
             self._pending_round = None
 
+    def keep_only(self, round_index: int | None) -> None:
+        """Deletes every best step except ``round_index`` (all of them if None); collective.
+
+        A resumed run calls it with its committed best round: this removes a best saved by a
+        round that was never committed, and an older best whose deletion a kill interrupted.
+
+        Args:
+          round_index: The committed best round, or None when no round has a best.
+        """
+        manager = self._manager(write=True)
+        if self.is_primary:
+            self._delete_steps([step for step in manager.all_steps() if step != round_index])
+        self._barrier("keep_only")
+        self._pending_round = None
+
     def restore_best(
         self, *, abstract_params: Any = None, round_index: int | None = None
     ) -> tuple[Any, dict]:

@@ -18,3 +18,9 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         fail(f"{message}; see `{self.prog} --help`.")
+
+
+def describe_os_error(error: OSError) -> str:
+    """One sentence for a file-system error (an unwritable path, a full disk, ...)."""
+    where = error.filename or "a file"
+    return f"{where}: {error.strerror or error}; check the path, its permissions and free space."

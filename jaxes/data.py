@@ -16,7 +16,6 @@ Public data sets (mnist, cifar10, ...) are downloaded once, which may need Tenso
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -24,6 +23,7 @@ import sys
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxes import cli
 from jaxes import digits as digits_lib
 
 DIGITS = "digits"
@@ -233,31 +233,39 @@ def load(name: str = DIGITS, data_dir: str | os.PathLike | None = None) -> Data:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Prepares a data set: `python -m jaxes.data prepare NAME --data_dir=DIR`."""
-    parser = argparse.ArgumentParser(prog="python -m jaxes.data", description=main.__doc__)
+    """Prepares a data set: `python -m jaxes.data prepare NAME --data_dir=DIR`.
+
+    Exit codes: 0 prepared; 2 misuse (unknown name, unwritable dir, not an image data set);
+    1 the environment could not prepare a known data set (no TensorFlow or no network).
+    """
+    parser = cli.Parser(prog="python -m jaxes.data", description=main.__doc__.split("\n")[0])
     parser.add_argument("command", choices=("prepare",))
     parser.add_argument("name", help=f"{DIGITS!r} or a TFDS dataset name")
     parser.add_argument("--data_dir", default=default_data_dir(), help="default: %(default)s")
     args = parser.parse_args(argv)
-    if args.name in (DIGITS, digits_lib.JaxesDigits.name):
-        digits_lib.prepare_digits(args.data_dir)
-    else:
-        try:
+    try:
+        if args.name in (DIGITS, digits_lib.JaxesDigits.name):
+            digits_lib.prepare_digits(args.data_dir)
+        else:
             builder = tfds.builder(args.name, data_dir=args.data_dir, file_format="array_record")
             builder.download_and_prepare(file_format="array_record")
-        except Exception as error:  # any failure: no TensorFlow, no network, unknown name
-            print(
-                f"Preparing {args.name!r} in {args.data_dir} failed "
-                f"({type(error).__name__}: {str(error).partition(chr(10))[0]}); it needs "
-                "`pip install 'jaxes[prepare]'` and network access.",
-                file=sys.stderr,
-            )
-            return 1
-    try:
         data = load(args.name, args.data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        cli.fail(
+            f"TFDS has no dataset {args.name!r}; use {DIGITS!r} or a name from the TFDS catalog."
+        )
+    except OSError as error:
+        cli.fail(cli.describe_os_error(error))
     except DataError as error:  # prepared, but not an image classification data set
-        print(error, file=sys.stderr)
-        return 2
+        cli.fail(str(error))
+    except Exception as error:  # no TensorFlow, no network, a broken download
+        print(
+            f"jaxes: preparing {args.name!r} in {args.data_dir} failed "
+            f"({type(error).__name__}: {str(error).partition(chr(10))[0]}); it needs "
+            "`pip install 'jaxes[prepare]'` and network access.",
+            file=sys.stderr,
+        )
+        return 1
     split_sizes = {key: len(data.split(key)) for key in SPLITS}
     print(f"Prepared {args.name!r} in {args.data_dir}: {data.spec}, split sizes {split_sizes}.")
     return 0

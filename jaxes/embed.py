@@ -90,11 +90,12 @@ def _write_outputs(out: Path, embeddings: np.ndarray, record: dict) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.save(buffer, embeddings.astype(np.float32), allow_pickle=False)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, out)
+    # The rows' record first, the array last: a new .npy always has its .json beside it.
     record_path = out.with_suffix(".json")
     checkpoint.atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out)
     return record_path
 
 
@@ -215,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except USER_ERRORS as error:
         cli.fail(str(error))
+    except OSError as error:
+        cli.fail(cli.describe_os_error(error))
     return 0
 
 

@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         content = export(args.workdir, args.out)
     except (ExportError, checkpoint.CheckpointError) as error:
         cli.fail(str(error))
+    except OSError as error:
+        cli.fail(cli.describe_os_error(error))
     size = (Path(args.out) / MODEL_FILE).stat().st_size
     print(
         f"exported {models.Arch.from_dict(content['arch']).short()} ({content['metric']['name']} "

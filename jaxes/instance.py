@@ -32,8 +32,12 @@ def abstract_model(meta: dict) -> models.Model:
     )
 
 
-def load(workdir: str | os.PathLike) -> tuple[models.Model, dict]:
-    """Restores the best instance of a finished run onto the devices present now.
+def load(workdir: str | os.PathLike, round_index: int | None = None) -> tuple[models.Model, dict]:
+    """Restores the best instance of a run onto the devices present now.
+
+    Args:
+      workdir: the run directory.
+      round_index: the best round to restore (default: the newest saved).
 
     Returns:
       (model, meta): the model with its trained parameters; ``meta`` holds ``arch``,
@@ -49,7 +53,7 @@ def load(workdir: str | os.PathLike) -> tuple[models.Model, dict]:
             f"`python -m jaxes.main --config=... --workdir={workdir}` to completion first."
         )
     with checkpoint.Checkpointer(directory, is_primary=False) as ckpt:
-        pure, meta = ckpt.restore_best()
+        pure, meta = ckpt.restore_best(round_index=round_index)
     model = abstract_model(meta)
     graphdef, state = nnx.split(model)
     nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, pure))

@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxes import checkpoint, data, rounds, runconfig, search, workdir
+from jaxes import checkpoint, cli, data, rounds, runconfig, search, workdir
 from jaxes.cli import fail
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -79,16 +79,27 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def init_distributed() -> None:
     """Joins a multi-process run if asked to; CPU processes talk through gloo."""
-    if _COORDINATOR.value or (_NUM_PROCESSES.value or 1) > 1:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            coordinator_address=_COORDINATOR.value,
-            num_processes=_NUM_PROCESSES.value,
-            process_id=_PROCESS_ID.value,
-        )
+    explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if any(value is not None for value in explicit):
+        coordinator, num_processes, process_id = explicit
+        if None in explicit:
+            fail("--coordinator, --num_processes and --process_id go together; give all three.")
+        if not (num_processes >= 1 and 0 <= process_id < num_processes):
+            fail(f"--process_id={process_id} must be in [0, --num_processes={num_processes}).")
+        kwargs = {
+            "coordinator_address": coordinator,
+            "num_processes": num_processes,
+            "process_id": process_id,
+        }
     elif _DISTRIBUTED.value:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize()
+        kwargs = {}  # the cluster launcher's environment says everything
+    else:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, RuntimeError) as e:
+        fail(f"jax.distributed.initialize failed: {_one_line(e)}")
 
 
 def main(argv: list[str]) -> None:
@@ -102,6 +113,8 @@ def main(argv: list[str]) -> None:
         rounds.run(_CONFIG.value, _WORKDIR.value)
     except USER_ERRORS as e:
         fail(str(e))
+    except OSError as e:  # an unwritable --workdir or data dir, a full disk
+        fail(cli.describe_os_error(e))
 
 
 if __name__ == "__main__":

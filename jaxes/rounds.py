@@ -33,7 +33,7 @@ from jaxes import data as data_lib
 from jaxes import progress as progress_lib
 from jaxes import train as train_lib
 from jaxes import workdir as workdir_lib
-from jaxes.runconfig import check_config, make_strategy, make_tolerance
+from jaxes.runconfig import check_batch_size, check_config, make_strategy, make_tolerance
 
 
 def _round_record(t, choice, result, tol, config, round_key, seconds) -> dict:
@@ -66,13 +66,16 @@ def _round_record(t, choice, result, tol, config, round_key, seconds) -> dict:
 
 
 def _resume(ckpt, workdir, is_primary):
-    """Loads the committed state; drops whatever a killed run wrote past it."""
+    """Loads the committed state and the round records it covers.
+
+    A killed run may have written a record past the commit; it is dropped here and recomputed
+    identically, since a round's randomness depends on (seed, round index) alone.
+    """
     state = ckpt.load_state()
     committed = 0 if state is None else state["next_round"]
     records = workdir_lib.read_rounds(workdir)[:committed]
     if is_primary:
         workdir_lib.write_rounds(workdir, records)
-    ckpt.discard_after(committed - 1)
     return state, records
 
 
@@ -96,7 +99,7 @@ def _finish(config, workdir, data, mesh, tol, stop_reason, records, wall_seconds
         "wall_seconds": wall_seconds,
     }
     if tol.best_round is not None:
-        model, meta = instance.load(workdir)
+        model, meta = instance.load(workdir, round_index=tol.best_round)
         graphdef, state = nnx.split(model)
         evaluator = infer.Evaluator(graphdef, data.spec, mesh, config.train.eval_batch_size)
         test = evaluator.evaluate(state, data.test)
@@ -133,8 +136,9 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
     check_config(config)
     is_primary = jax.process_index() == 0
     data = data_lib.load(config.dataset, config.data_dir or None)
-    workdir_lib.claim(workdir, config, write=is_primary)
     mesh = sharding.make_mesh()
+    check_batch_size(config, data, mesh)
+    workdir_lib.claim(workdir, config, write=is_primary)
     root = keys.root(config.seed)
     strategy = make_strategy(config)
 
@@ -142,11 +146,12 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
     state, records = _resume(ckpt, workdir, is_primary)
     if state is None:
         tol = make_tolerance(config, root)
-        strategy_state, stop_reason, wall_before = strategy.init(), None, 0.0
+        strategy_state, wall_before = strategy.init(), 0.0
     else:
         tol = stopping.State.from_dict(state["tolerance"])
-        strategy_state, stop_reason = state["strategy"], state["stop_reason"]
-        wall_before = state["wall_seconds"]
+        strategy_state, wall_before = state["strategy"], state["wall_seconds"]
+    ckpt.keep_only(tol.best_round)  # exactly the committed best stays on disk
+    stop_reason = None
 
     start = time.monotonic()
     progress = progress_lib.Progress(stream=stream or sys.stderr, live=live, enabled=is_primary)
@@ -197,16 +202,15 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
                 }
                 instance.save(ckpt, t, result.state, meta)
             records.append(record)
+            writer.write_round(record)  # before the commit: a resume purges it, never loses it
             ckpt.save_state(
                 {
                     "next_round": tol.round,
                     "tolerance": tol.to_dict(),
                     "strategy": strategy_state,
-                    "stop_reason": stop_reason,
                     "wall_seconds": wall_before + time.monotonic() - start,
                 }
             )
-            writer.write_round(record)
             progress.end_round(record)
         stop_reason = stop_reason or tol.reason
         wall = wall_before + time.monotonic() - start

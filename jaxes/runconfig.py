@@ -71,7 +71,11 @@ def make_strategy(config) -> search.Strategy:
     params = {
         "fixed": {},
         "random": {"max_collisions": cfg.max_collisions},
-        "evolution": {"population": cfg.population, "tournament": cfg.tournament},
+        "evolution": {
+            "population": cfg.population,
+            "tournament": cfg.tournament,
+            "max_collisions": cfg.max_collisions,
+        },
     }.get(cfg.strategy)
     if params is None:
         raise _field_error(
@@ -117,3 +121,12 @@ def check_config(config) -> None:
     _check(0 < fraction <= 1, "train.device_memory_fraction", "in (0, 1]", fraction)
     make_tolerance(config, keys.root(config.seed))
     make_strategy(config)
+
+
+def check_batch_size(config, data, mesh) -> None:
+    """Raises ConfigError unless ``train.batch_size`` fits the data and splits over the mesh."""
+    batch_size, examples = config.train.batch_size, len(data.train.labels)
+    _check(batch_size <= examples, "train.batch_size",
+           f"at most the {examples} training examples of {config.dataset}", batch_size)  # fmt: skip
+    _check(batch_size % mesh.size == 0, "train.batch_size",
+           f"a multiple of the {mesh.size} devices", batch_size)  # fmt: skip

@@ -30,6 +30,10 @@ JSONScalar = str | int | float | bool | None
 Space = Mapping[str, Sequence[JSONScalar]]
 
 
+# Named streams of a propose key (DESIGN.md §4: fold_in with constants, never call order).
+_SAMPLE, _FALLBACK, _TOURNAMENT, _FIELD, _VALUE = 1, 2, 3, 4, 5
+
+
 class SearchError(ValueError):
     """A search space, parameter or state is invalid."""
 
@@ -214,7 +218,7 @@ class Strategy:
     def _sample_new(self, key: jax.Array, seen: set[str], max_collisions: int) -> dict | None:
         """Rejection-samples a choice not in ``seen``; None after ``max_collisions`` collisions."""
         for attempt in range(max_collisions):
-            choice = self._sample(jax.random.fold_in(key, attempt))
+            choice = self._sample(jax.random.fold_in(jax.random.fold_in(key, _SAMPLE), attempt))
             if canonical(choice) not in seen:
                 return choice
         return None
@@ -312,9 +316,11 @@ class Evolution(Strategy):
             if len(seen) < self.size:
                 choice = self._sample_new(key, seen, self.max_collisions)
             # A space smaller than the population (or bad luck) allows repeats.
-            choice = choice or self._sample(key)
+            choice = choice or self._sample(jax.random.fold_in(key, _FALLBACK))
             return choice, {"last_tournament": None, "last_parent": None}
-        tournament_key, field_key, value_key = jax.random.split(key, 3)
+        tournament_key, field_key, value_key = (
+            jax.random.fold_in(key, stream) for stream in (_TOURNAMENT, _FIELD, _VALUE)
+        )
         positions = jax.random.choice(
             tournament_key, len(population), (self.tournament,), replace=False
         ).tolist()

@@ -175,12 +175,13 @@ def draw_r(seed: int) -> float:
     """Draws ``r = ln(u)`` with ``u = 1 - Random(seed).random()`` in (0, 1], so ``r <= 0``.
 
     Args:
-        seed: an int seed for the standard library's Mersenne Twister.
+        seed: an int >= 0 seed for the standard library's Mersenne Twister (which would treat
+            -s like s, so negative seeds are refused).
 
     Returns:
         A float <= 0, the same for the same seed.
     """
-    _require(_is_int(seed), f"seed must be an int, got {seed!r}.")
+    _require(_is_int(seed) and seed >= 0, f"seed must be an int >= 0, got {seed!r}.")
     return math.log(1.0 - random.Random(int(seed)).random())
 
 

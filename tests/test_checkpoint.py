@@ -127,6 +127,21 @@ def test_discard_after_removes_only_later_rounds(tmp_path):
     assert ckpt.best_round() is None
 
 
+def test_keep_only_leaves_exactly_the_committed_best(tmp_path):
+    ckpt = Checkpointer(tmp_path)
+    for round_index in (1, 4, 6):  # none committed: all three stay on disk
+        ckpt.save_best(round_index, {"w": jnp.full((2,), round_index)}, {})
+    ckpt.keep_only(4)
+    reopened = Checkpointer(tmp_path)
+    assert reopened.best_round() == 4
+    params, _ = reopened.restore_best()
+    assert np.array_equal(params["w"], [4, 4])
+    with pytest.raises(CheckpointError):
+        reopened.restore_best(round_index=1)
+    reopened.keep_only(None)
+    assert reopened.best_round() is None
+
+
 def test_saving_an_existing_round_replaces_it(tmp_path):
     ckpt = Checkpointer(tmp_path)
     ckpt.save_best(2, {"w": jnp.zeros(3)}, {"try": 1})

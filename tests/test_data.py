@@ -274,5 +274,6 @@ def test_cli_prepares_digits_and_reports_failures(digits_dir, tmp_path):
         text=True,
         timeout=120,
     )
-    assert failed.returncode == 1
-    assert "jaxes[prepare]" in failed.stderr
+    assert failed.returncode == 2
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no_such_dataset_xyz" in lines[0], failed.stderr

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -143,8 +144,8 @@ def test_resume_after_sigkill_between_rounds(reference, tmp_path, digits_data_di
 
 
 def test_resume_after_sigkill_mid_round(reference, tmp_path, digits_data_dir):
-    # The TensorBoard event file grows when a round ends; a committed round 0 plus a short
-    # wait lands the kill inside round 1's training.
+    # Round 0 committed plus a short wait lands the kill inside round 1's training (rounds take
+    # seconds); the deterministic kill points below cover the narrow windows.
     def in_round_one(path):
         if _committed_rounds(path) < 1:
             return False
@@ -231,6 +232,67 @@ def test_two_processes_match_one(reference, tmp_path, digits_data_dir):
     one, two = workdir.read_summary(reference), workdir.read_summary(tmp_path)
     assert two["best_round"] == one["best_round"]
     assert abs(two["best_metric"] - one["best_metric"]) <= 1e-3
+    # Only process 0 writes: one line per round, one event file, one summary table.
+    assert len(workdir.read_rounds(tmp_path)) == two["rounds_run"]
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert ["best round" in out for out, _ in outputs] == [True, False]
+
+
+# Runs the CLI in a process that dies (os._exit, as abruptly as SIGKILL) at an exact point.
+_KILLER = textwrap.dedent(
+    """
+    import os, runpy, sys
+    from jaxes import checkpoint
+
+    point = os.environ["JAXES_TEST_KILL_AT"]
+    Checkpointer = checkpoint.Checkpointer
+    save_state, delete_steps = Checkpointer.save_state, Checkpointer._delete_steps
+
+    def dying_save_state(self, state):
+        if point == "after_best_before_commit" and state["next_round"] == 2:
+            os._exit(137)  # round 1 saved its new best but never committed
+        return save_state(self, state)
+
+    def dying_delete_steps(self, steps):
+        if point == "after_commit_mid_prune" and steps:
+            os._exit(137)  # round 1 committed; the old best is still on disk
+        return delete_steps(self, steps)
+
+    Checkpointer.save_state = dying_save_state
+    Checkpointer._delete_steps = dying_delete_steps
+    sys.argv = ["jaxes.main", *sys.argv[1:]]
+    runpy.run_module("jaxes.main", run_name="__main__")
+    """
+)
+
+
+@pytest.mark.parametrize("point", ["after_best_before_commit", "after_commit_mid_prune"])
+def test_resume_after_a_kill_at_an_exact_point(reference, tmp_path, digits_data_dir, point):
+    records = workdir.read_rounds(reference)
+    assert records[1]["improved"], "the smoke run must set a new best in round 1"
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLER, *_cmd(tmp_path, digits_data_dir)[3:]],
+        env=dict(_env(), JAXES_TEST_KILL_AT=point),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert killed.returncode == 137, killed.stderr
+    assert len(list((tmp_path / "checkpoints").glob("[0-9]*"))) == 2  # two bests on disk
+    _run(tmp_path, digits_data_dir)
+    assert [p.name for p in (tmp_path / "checkpoints").glob("[0-9]*")] == [
+        str(workdir.read_summary(reference)["best_round"])
+    ]
+    _assert_same_run(reference, tmp_path)
+
+
+def test_a_batch_that_cannot_be_split_exits_2_before_the_workdir_exists(tmp_path, digits_data_dir):
+    path = tmp_path / "run"
+    proc = _run(path, digits_data_dir, "--config.train.batch_size=100000", check=False)
+    assert proc.returncode == 2
+    assert "train.batch_size" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not path.exists()
 
 
 def test_a_diverging_round_is_recorded_as_failed_and_the_run_goes_on(

@@ -56,7 +56,8 @@ def test_fixed_always_proposes_its_arch_and_defaults_to_first_values():
 
 
 def test_random_never_repeats_and_is_exhausted_when_the_space_is_used_up():
-    strategy = search.make("random", SPACE)
+    # Enough draws that finding the last of 36 architectures is certain: (35/36)^1000 ~ 1e-12.
+    strategy = search.make("random", SPACE, max_collisions=1000)
     steps, state = run(strategy, SPACE_SIZE)
     keys = [search.canonical(choice) for choice, _ in steps]
     assert len(set(keys)) == SPACE_SIZE
