@@ -34,11 +34,9 @@ import jaxes
 from jaxes import checkpoint, cli, instance, models
 from jaxes import data as data_lib
 from jaxes import workdir as workdir_lib
+from jaxes.serving import FORMAT, MANIFEST_FILE, MODEL_FILE  # the loader's names, one source
 
-MODEL_FILE = "model.jaxexport"
 PARAMS_DIR = "params"
-MANIFEST_FILE = "manifest.json"
-FORMAT = "jaxes-export-1"
 PLATFORMS = ("cpu", "cuda")
 
 

@@ -32,8 +32,8 @@ DRIVERS = ("scan", "unrolled", "host")
 
 # Measured ahead of time by benchmarks/train_throughput.py (README, 2-core CPU): the fastest
 # driver per (backbone, platform), counting compile time. Static on purpose (module docstring).
-# CPU: scan runs the MLP at ~3x and the CNN at ~1.4x the plain host loop. The CNN scans fast
-# only because models.Conv3x3 avoids XLA:CPU's conv kernels (#12868: 40x slower in a loop);
+# CPU: scan runs the MLP at 2.8x and the CNN at 1.3x the plain host loop. The CNN scans fast
+# only because models.Conv3x3 avoids XLA:CPU's conv kernels (#12868: 0.1x plain in a scan);
 # unrolled never won and compiles 3-5x longer. Other platforms default to scan.
 DRIVER_TABLE = {
     ("mlp", "cpu"): "scan",
@@ -109,7 +109,7 @@ def host_epoch(step_fn, carry, split, data_key, dropout_key, epoch, h, mesh):
 
 def fits_on_device(split: data_lib.Split, fraction: float, mesh) -> bool:
     """Whether a replicated copy of ``split`` fits ``fraction`` of each device's memory."""
-    need = split.images.nbytes + split.labels.nbytes
+    need = data_lib.nbytes(split)
     # Only this process's devices can be asked; every host of a run is assumed alike.
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     return need <= fraction * min(sharding.memory_bytes(d) for d in local)
