@@ -5,10 +5,10 @@ Command (what `make run` does):
 
 Variants by argument: `configs/digits.py:smoke` (a seconds-long run for tests).
 
-On the 2-core CPU dev machine (2026-11-27): 67 s; 18 rounds (tolerance 4, budget extended 12 -> 21,
-stopped by patience); best instance round 9, MLP 2x256 embedding 64: validation and test accuracy
-0.9805, kNN top-1 of its test embeddings 0.9777. The smoke variant: ~20 s, four rounds (tolerance
-2, budget extended 4 -> 5), test accuracy ~0.7.
+On the 2-core CPU dev machine (2026-11-27): ~2 min 15 s; 14 rounds (tolerance 7, budget extended
+12 -> 20, stopped by patience); best instance round 6, CNN depth 2 width 64 embedding 32:
+validation accuracy 0.9833, test accuracy 0.9861, kNN top-1 of its test embeddings 0.9777. The
+smoke variant: ~20 s, four rounds (tolerance 2, budget extended 4 -> 5), test accuracy ~0.7.
 Every field is declared here with its default; other configs import this one and override.
 """
 
@@ -18,7 +18,9 @@ from ml_collections import config_dict
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.seed = 1  # r = -0.816: tolerance 4 of 12 rounds (seed 0 would draw tolerance 1)
+    # Seed 3 draws r = -0.326: tolerance 7 of 12 rounds, so the budget extends (claim 5). Other
+    # seeds draw other tolerances; experiments/README.md lists seeds 0-5.
+    config.seed = 3
 
     # Data: a TFDS dataset by name; "" means $JAXES_DATA_DIR or ~/.cache/jaxes/tensorflow_datasets.
     config.dataset = "digits"
@@ -50,9 +52,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.search.tournament = 2
     config.search.max_collisions = 100
     config.search.space = ml_collections.ConfigDict()
-    config.search.space.backbone = ("mlp",)
+    config.search.space.backbone = ("mlp", "cnn")
     config.search.space.depth = (1, 2)
-    config.search.space.width = (128, 256)
+    config.search.space.width = (64, 128)
     config.search.space.embed_dim = (32, 64)
 
     # One round: training to convergence (early stop on validation loss).
