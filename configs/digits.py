@@ -79,6 +79,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.seed = 6
         config.rounds = 4
         config.search.strategy = "random"
+        config.search.space.backbone = ("mlp",)
         config.search.space.depth = (1,)
         config.search.space.width = (16, 24, 32)
         config.search.space.embed_dim = (8, 16)
