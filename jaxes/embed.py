@@ -39,6 +39,7 @@ class EmbedError(ValueError):
 
 USER_ERRORS = (
     EmbedError,
+    workdir_lib.WorkdirError,
     images_lib.ImageError,
     images_lib.ChannelError,
     checkpoint.CheckpointError,
@@ -69,20 +70,6 @@ def embed_images(model, spec: data_lib.InputSpec, images, batch_size: int = DEFA
     state = sharding.put_tree(state, sharding.replicated(mesh))
     evaluator = infer.Evaluator(graphdef, spec, mesh, batch_size)
     return evaluator.embed(state, images)
-
-
-def run_config(workdir: str | os.PathLike) -> dict:
-    """The run's config.json as a dict (dataset, data_dir, ...)."""
-    path = Path(workdir) / workdir_lib.CONFIG
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EmbedError(
-            f"{workdir} has no {workdir_lib.CONFIG}, so its data set is unknown; point "
-            "--workdir at a run made by `python -m jaxes.main`."
-        ) from None
-    except json.JSONDecodeError as error:
-        raise EmbedError(f"{path} is not valid JSON ({error}); the workdir is damaged.") from error
 
 
 def _write_outputs(out: Path, embeddings: np.ndarray, record: dict) -> Path:
@@ -151,7 +138,7 @@ def embed(
     else:
         if split not in data_lib.SPLITS:
             raise EmbedError(f"--split={split} is not a split; use one of {data_lib.SPLITS}.")
-        config = run_config(workdir)
+        config = workdir_lib.read_config(workdir)
     model, meta = instance.load(workdir)
     spec = data_lib.InputSpec.from_dict(meta["input_spec"])
     record = {"workdir": str(workdir), "round_index": meta["round_index"], "arch": meta["arch"]}

@@ -60,6 +60,20 @@ def claim(workdir: str | os.PathLike, config, *, write: bool) -> bool:
     return False
 
 
+def read_config(workdir) -> dict:
+    """The run's config.json as a dict (dataset, data_dir, ...)."""
+    path = Path(workdir) / CONFIG
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WorkdirError(
+            f"{workdir} has no {CONFIG}, so its run is unknown; point --workdir at a run made "
+            "by `python -m jaxes.main`."
+        ) from None
+    except json.JSONDecodeError as error:
+        raise WorkdirError(f"{path} is not valid JSON ({error}); the workdir is damaged.") from None
+
+
 def read_rounds(workdir) -> list[dict]:
     """The round records written so far (a torn last line, from a kill, is dropped)."""
     path = Path(workdir) / ROUNDS

@@ -265,3 +265,11 @@ def test_unmappable_channels_name_both(digits, mode, channels, needles):
     with pytest.raises(images.ChannelError) as error:
         images.to_spec(Image.new(mode, (8, 8)), spec, "photo.tif")
     assert all(needle in str(error.value) for needle in needles), error.value
+
+
+def test_a_directory_that_is_no_run_is_named(tmp_path):
+    with pytest.raises(workdir.WorkdirError, match=r"has no config\.json.*python -m jaxes\.main"):
+        workdir.read_config(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(workdir.WorkdirError, match="not valid JSON"):
+        workdir.read_config(tmp_path)
