@@ -58,9 +58,6 @@ class RoundResult:
     failed: bool = False
     message: str | None = None
 
-    def model(self) -> models.Model:
-        return nnx.merge(self.graphdef, self.state)
-
 
 def choose_driver(backbone: str, requested: str, platform: str) -> str:
     """The driver for ``requested`` ("auto" looks up the static table)."""

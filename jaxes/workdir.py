@@ -31,16 +31,13 @@ def config_json(config) -> str:
     return json.dumps(as_dict, sort_keys=True, indent=2, default=list)
 
 
-def claim(workdir: str | os.PathLike, config, *, write: bool) -> bool:
+def claim(workdir: str | os.PathLike, config, *, write: bool) -> None:
     """Makes ``workdir`` this config's, or checks that it already is.
 
     Args:
       workdir: the run directory.
       config: the run config.
       write: whether this process writes (the primary one).
-
-    Returns:
-      True if the workdir already held this config (a resume), False if it is new.
 
     Raises:
       WorkdirError: the workdir holds another config's run; nothing in it is touched.
@@ -53,11 +50,10 @@ def claim(workdir: str | os.PathLike, config, *, write: bool) -> bool:
                 f"{workdir} holds a run of a different config ({path}); use a new --workdir, "
                 "or rerun with that run's exact config to resume it."
             )
-        return True
+        return
     if write:
         Path(workdir).mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, text + "\n")
-    return False
 
 
 def read_config(workdir) -> dict:
