@@ -70,6 +70,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train.device_memory_fraction = 0.5
     config.train.eval_batch_size = 512
 
+    # Population rounds (DESIGN §10): K rounds proposed together and trained in one program per
+    # size bucket, over the mesh ("rounds", "data"). K = 1 is one round at a time.
+    config.parallel = ml_collections.ConfigDict()
+    config.parallel.rounds = 1
+    # Backbones whose block widths pad to the space's largest, sharing one program; CNN cost
+    # grows with width squared, so CNNs keep their widths (every backbone pads embed_dim).
+    config.parallel.pad_backbones = ("mlp",)
+
     # After the run: kNN top-1 of test embeddings against train embeddings.
     config.knn = True
 

@@ -59,12 +59,13 @@ class Evaluator:
       graphdef: the model graph (from ``nnx.split``).
       spec: the input spec (normalization).
       mesh: the device mesh.
-      batch_size: rows per compiled call; rounded up to a multiple of the mesh size.
+      batch_size: rows per compiled call; rounded up to a multiple of the data axis.
     """
 
     def __init__(self, graphdef, spec: data_lib.InputSpec, mesh, batch_size: int):
         self.mesh = mesh
-        self.batch_size = -(-batch_size // mesh.size) * mesh.size
+        size = sharding.data_size(mesh)
+        self.batch_size = -(-batch_size // size) * size
         self._evaluate, self._embed = _compiled(graphdef, spec, mesh)
 
     def evaluate(self, state, split: data_lib.Split) -> dict:

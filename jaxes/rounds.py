@@ -1,10 +1,14 @@
 """The method (claim 1): rounds of search -> train to convergence -> judge, until the tolerance.
 
-``run(config, workdir)`` is the whole job, with nothing global: per round ``t`` it proposes an
-architecture (claim 6), trains an instance to convergence (claims 1-2), updates the tolerance
-state (claims 1, 3-5) and, atomically, records the round, saves the best instance (Orbax) and
-commits the resume state. Re-running on the same workdir resumes and ends exactly as an
-uninterrupted run would: every round's randomness is a pure function of (seed, round index).
+``run(config, workdir)`` is the whole job, with nothing global. Rounds go in generations of
+``K = config.parallel.rounds`` (DESIGN §10): the strategy proposes K architectures (claim 6) from
+its state after the previous generation, one engine call trains all K to convergence (claims 1-2),
+and the tolerance (claims 1, 3-5) judges the results in round order; rounds after a stop inside a
+generation are discarded (counted, never the best). Then, atomically: the generation's records,
+its best instance (Orbax) and the resume state, whose replacement is the commit. Re-running on
+the same workdir resumes at the last committed generation and ends exactly as an uninterrupted
+run would: every round's randomness is a pure function of (seed, round index). K = 1 is one
+round per generation.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from jaxes import (
     infer,
     instance,
     keys,
-    models,
     plot,
     search,
     sharding,
@@ -33,10 +36,16 @@ from jaxes import data as data_lib
 from jaxes import progress as progress_lib
 from jaxes import train as train_lib
 from jaxes import workdir as workdir_lib
-from jaxes.runconfig import check_batch_size, check_config, make_strategy, make_tolerance
+from jaxes.runconfig import (
+    check_batch_size,
+    check_config,
+    make_strategy,
+    make_tolerance,
+    split_choice,
+)
 
 
-def _round_record(t, choice, result, tol, config, round_key, seconds) -> dict:
+def _round_record(t, choice, result, tol, config, round_key, seconds, generation) -> dict:
     metric = None if result.failed else result.metrics[config.metric]
     return {
         "round_index": t,
@@ -50,6 +59,10 @@ def _round_record(t, choice, result, tol, config, round_key, seconds) -> dict:
         "dropout_rate": math.exp(result.log_rate),
         "epochs": result.epochs,
         "driver": result.driver,
+        "bucket": result.bucket.short() if result.bucket else None,
+        "generation": generation,
+        "learning_rate": result.learning_rate,
+        "weight_decay": result.weight_decay,
         "best_epoch": result.best_epoch,
         "metric": metric,
         **{k: result.metrics.get(k) for k in ("val_loss", "val_accuracy", "train_loss")},
@@ -79,7 +92,7 @@ def _resume(ckpt, workdir, is_primary):
     return state, records
 
 
-def _finish(config, workdir, data, mesh, tol, stop_reason, records, wall_seconds):
+def _finish(config, workdir, data, mesh, tol, stop_reason, records, wall_seconds, discarded):
     """Evaluates the best instance on test, embeds for kNN, writes summary/plot; returns summary."""
     summary = {
         "best_round": tol.best_round,
@@ -96,6 +109,8 @@ def _finish(config, workdir, data, mesh, tol, stop_reason, records, wall_seconds
         "stop_reason": stop_reason,
         "best_arch": None,
         "seed": config.seed,
+        "population": config.parallel.rounds,
+        "rounds_discarded": discarded,
         "wall_seconds": wall_seconds,
     }
     if tol.best_round is not None:
@@ -136,7 +151,8 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
     check_config(config)
     is_primary = jax.process_index() == 0
     data = data_lib.load(config.dataset, config.data_dir or None)
-    mesh = sharding.make_mesh()
+    population = config.parallel.rounds
+    mesh = sharding.make_mesh(population=population)
     check_batch_size(config, data, mesh)
     workdir_lib.claim(workdir, config, write=is_primary)
     root = keys.root(config.seed)
@@ -146,10 +162,11 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
     state, records = _resume(ckpt, workdir, is_primary)
     if state is None:
         tol = make_tolerance(config, root)
-        strategy_state, wall_before = strategy.init(), 0.0
+        strategy_state, wall_before, discarded = strategy.init(), 0.0, 0
     else:
         tol = stopping.State.from_dict(state["tolerance"])
         strategy_state, wall_before = state["strategy"], state["wall_seconds"]
+        discarded = state.get("rounds_discarded", 0)
     ckpt.keep_only(tol.best_round)  # exactly the committed best stays on disk
     stop_reason = None
 
@@ -160,40 +177,69 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
     writer = tboard.ScalarWriter(
         Path(workdir) / "tensorboard", enabled=is_primary, purge_step=tol.round if state else None
     )
+    engine = train_lib.Engine(
+        data,
+        config.train,
+        mesh=mesh,
+        space=strategy.space,
+        pad_backbones=tuple(config.parallel.pad_backbones),
+        on_epoch=lambda job, epoch, loss: progress.epoch(epoch, loss),
+    )
     with progress, writer, ckpt:
         while not tol.stopped and stop_reason is None:
-            t = tol.round
-            round_start = time.monotonic()
-            round_key = keys.round_key(root, t)
-            try:
-                choice, pending = strategy.propose(
-                    strategy_state, keys.RoundKeys.of(round_key).arch
-                )
-            except search.Exhausted:
+            first = tol.round
+            generation_start = time.monotonic()
+            # A generation never proposes past the current budget (it can only grow).
+            size = min(population, tol.rounds - first)
+            proposals, exhausted = [], False
+            for t in range(first, first + size):
+                round_key = keys.round_key(root, t)
+                try:
+                    choice, strategy_state = strategy.propose(
+                        strategy_state, keys.RoundKeys.of(round_key).arch
+                    )
+                except search.Exhausted:
+                    exhausted = True
+                    break
+                proposals.append((t, choice, round_key))
+            if not proposals:
                 stop_reason = "search_exhausted"
                 break
-            progress.start_round(t, tol.rounds)
-            result = train_lib.to_convergence(
-                models.Arch.from_dict(choice),
-                data,
-                round_key,
-                config.train,
-                mesh=mesh,
-                on_epoch=lambda epoch, m: progress.epoch(epoch, m["val_loss"]),
-            )
-            metric = math.nan if result.failed else result.metrics[config.metric]
-            fitness = None if result.failed else (metric if config.mode == "max" else -metric)
-            strategy_state = strategy.observe(pending, choice, fitness, t)
-            tol = stopping.update(tol, metric)
-            record = _round_record(
-                t, choice, result, tol, config, round_key, time.monotonic() - round_start
-            )
-            if is_primary:
-                workdir_lib.append_round(workdir, record)
-            if tol.improved:
+            progress.start_round(first, tol.rounds)
+            jobs = []
+            for _, choice, round_key in proposals:
+                arch, learning_rate, weight_decay = split_choice(choice, config.train)
+                jobs.append(train_lib.Job(arch, round_key, learning_rate, weight_decay))
+            results = engine.train(jobs)
+            seconds = (time.monotonic() - generation_start) / len(proposals)
+            new_records, best_save = [], None
+            for (t, choice, round_key), result in zip(proposals, results, strict=True):
+                if tol.stopped:  # a stop inside the generation: the later rounds are discarded
+                    discarded += 1
+                    continue
+                metric = math.nan if result.failed else result.metrics[config.metric]
+                fitness = None if result.failed else (metric if config.mode == "max" else -metric)
+                strategy_state = strategy.observe(strategy_state, choice, fitness, t)
+                tol = stopping.update(tol, metric)
+                record = _round_record(
+                    t, choice, result, tol, config, round_key, seconds, first // population
+                )
+                new_records.append(record)
+                if tol.improved:
+                    best_save = (t, choice, result)
+            for record in new_records:
+                if is_primary:
+                    workdir_lib.append_round(workdir, record)
+                records.append(record)
+                writer.write_round(record)  # before the commit: a resume purges it, never loses it
+            if best_save is not None:
+                t, choice, result = best_save
                 meta = {
                     "round_index": t,
-                    "arch": choice,
+                    "arch": result.arch.to_dict(),
+                    "choice": choice,
+                    "learning_rate": result.learning_rate,
+                    "weight_decay": result.weight_decay,
                     "input_spec": data.spec.to_dict(),
                     "log_rate": result.log_rate,
                     "metrics": result.metrics,
@@ -201,20 +247,22 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
                     "dataset": config.dataset,
                 }
                 instance.save(ckpt, t, result.state, meta)
-            records.append(record)
-            writer.write_round(record)  # before the commit: a resume purges it, never loses it
             ckpt.save_state(
                 {
                     "next_round": tol.round,
                     "tolerance": tol.to_dict(),
                     "strategy": strategy_state,
                     "wall_seconds": wall_before + time.monotonic() - start,
+                    "rounds_discarded": discarded,
                 }
             )
-            progress.end_round(record)
+            for record in new_records:
+                progress.end_round(record)
+            if exhausted and not tol.stopped:
+                stop_reason = "search_exhausted"
         stop_reason = stop_reason or tol.reason
         wall = wall_before + time.monotonic() - start
-        summary = _finish(config, workdir, data, mesh, tol, stop_reason, records, wall)
+        summary = _finish(config, workdir, data, mesh, tol, stop_reason, records, wall, discarded)
     if is_primary:
         print(progress_lib.summary_table(summary, records), file=stream or sys.stdout)
     return summary

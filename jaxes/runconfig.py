@@ -7,11 +7,16 @@ Every problem is one ``ConfigError`` sentence that names the config field, e.g.
 from __future__ import annotations
 
 import dataclasses
+import math
 
-from jaxes import keys, models, search, stopping
+from jaxes import keys, models, search, sharding, stopping
 from jaxes import train as train_lib
 
 METRICS = {"val_accuracy": "max", "val_loss": "min"}
+
+# Search-space fields that are not architecture fields: traced hyper-parameters of training
+# (DESIGN §10), so searching them never recompiles. Each defaults to its ``config.train`` value.
+HPARAM_FIELDS = ("learning_rate", "weight_decay")
 
 
 class ConfigError(ValueError):
@@ -59,9 +64,21 @@ def make_strategy(config) -> search.Strategy:
     space = {name: tuple(values) for name, values in cfg.space.items()}
     arch_fields = {f.name for f in dataclasses.fields(models.Arch)}
     for name, values in space.items():
+        if name in HPARAM_FIELDS:
+            zero_ok = name == "weight_decay"
+            for value in values:
+                number = isinstance(value, int | float) and not isinstance(value, bool)
+                if not (number and math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+                    raise _field_error(
+                        f"search.space.{name}",
+                        f"values must be finite numbers {'>= 0' if zero_ok else '> 0'}, "
+                        f"got {value!r}.",
+                    )
+            continue
         if name not in arch_fields:
+            valid = sorted(arch_fields | set(HPARAM_FIELDS))
             raise _field_error(
-                f"search.space.{name}", f"not an Arch field; use some of {sorted(arch_fields)}."
+                f"search.space.{name}", f"not a searchable field; use some of {valid}."
             )
         for value in values:
             try:
@@ -85,6 +102,15 @@ def make_strategy(config) -> search.Strategy:
         return search.make(cfg.strategy, space, **params)
     except search.SearchError as e:
         raise _field_error("search", str(e)) from None
+
+
+def split_choice(choice: dict, train_config) -> tuple[models.Arch, float, float]:
+    """A search choice as ``(arch, learning_rate, weight_decay)``; hyper-parameters the space does
+    not search come from ``config.train``."""
+    arch = models.Arch.from_dict({k: v for k, v in choice.items() if k not in HPARAM_FIELDS})
+    learning_rate = float(choice.get("learning_rate", train_config.learning_rate))
+    weight_decay = float(choice.get("weight_decay", train_config.weight_decay))
+    return arch, learning_rate, weight_decay
 
 
 def _check(ok: bool, path: str, allowed: str, value) -> None:
@@ -119,6 +145,11 @@ def check_config(config) -> None:
     _check(t.epoch_driver in drivers, "train.epoch_driver", f"one of {drivers}", t.epoch_driver)
     fraction = t.device_memory_fraction
     _check(0 < fraction <= 1, "train.device_memory_fraction", "in (0, 1]", fraction)
+    k = config.parallel.rounds
+    _check(_is_int(k) and k >= 1, "parallel.rounds", "an int >= 1", k)
+    pad = tuple(config.parallel.pad_backbones)
+    _check(set(pad) <= set(models.BACKBONES), "parallel.pad_backbones",
+           f"a subset of {models.BACKBONES}", pad)  # fmt: skip
     make_tolerance(config, keys.root(config.seed))
     make_strategy(config)
 
@@ -128,5 +159,6 @@ def check_batch_size(config, data, mesh) -> None:
     batch_size, examples = config.train.batch_size, len(data.train.labels)
     _check(batch_size <= examples, "train.batch_size",
            f"at most the {examples} training examples of {config.dataset}", batch_size)  # fmt: skip
-    _check(batch_size % mesh.size == 0, "train.batch_size",
-           f"a multiple of the {mesh.size} devices", batch_size)  # fmt: skip
+    size = sharding.data_size(mesh)
+    _check(batch_size % size == 0, "train.batch_size",
+           f"a multiple of the {size} devices of the data axis", batch_size)  # fmt: skip

@@ -9,8 +9,9 @@ and ``observe`` replays the same proposal from the state saved after the previou
 
 State keys shared by every strategy: ``strategy`` (the name), ``history`` (one record per observed
 round: ``choice``, ``fitness`` -- higher is better, ``None`` for a failed round -- ``round_index``
-and ``parent``, the history index of the evolution parent or ``None``) and ``pending`` (the last
-proposal not yet observed). ``random`` adds ``seen`` (canonical choices ever proposed);
+and ``parent``, the history index of the evolution parent or ``None``) and ``pending`` (the
+proposals not yet observed, oldest first: a generation of K rounds proposes K times, then observes
+each in round order; DESIGN §10). ``random`` adds ``seen`` (canonical choices ever proposed);
 ``evolution`` adds ``population`` (history indices, oldest first), ``last_tournament`` (history
 indices of the members sampled by the last propose) and ``last_parent``.
 """
@@ -111,7 +112,7 @@ class Strategy:
 
     def init(self) -> dict:
         """Returns the initial, JSON-serializable search state."""
-        return {"strategy": self.name, "history": [], "pending": None}
+        return {"strategy": self.name, "history": [], "pending": []}
 
     def propose(self, state: dict, key: jax.Array) -> tuple[dict, dict]:
         """Proposes the next architecture.
@@ -129,7 +130,10 @@ class Strategy:
         state = self._copy(state)
         choice, extra = self._propose(state, key)
         state.update(extra)
-        state["pending"] = {"choice": choice, "parent": extra.get("last_parent")}
+        state["pending"] = [
+            *state["pending"],
+            {"choice": choice, "parent": extra.get("last_parent")},
+        ]
         return choice, state
 
     def observe(
@@ -159,16 +163,18 @@ class Strategy:
         if fitness is not None:
             fitness = float(fitness)
             fitness = fitness if math.isfinite(fitness) else None
+        # The oldest pending proposal of this choice is the one being observed.
+        key = canonical(choice)
         pending = state["pending"]
-        same = pending is not None and canonical(pending["choice"]) == canonical(choice)
+        match = next((i for i, p in enumerate(pending) if canonical(p["choice"]) == key), None)
+        parent = None if match is None else pending.pop(match)["parent"]
         record = {
             "choice": choice,
             "fitness": fitness,
             "round_index": round_index,
-            "parent": pending["parent"] if same else None,
+            "parent": parent,
         }
         state["history"].append(record)
-        state["pending"] = None
         self._observed(state, len(state["history"]) - 1)
         return state
 
@@ -311,7 +317,9 @@ class Evolution(Strategy):
     def _propose(self, state: dict, key: jax.Array) -> tuple[dict, dict]:
         population = state["population"]
         if len(population) < self.population:
+            # Members and this generation's earlier proposals (none when K = 1).
             seen = {canonical(record["choice"]) for record in self.members(state)}
+            seen |= {canonical(p["choice"]) for p in state["pending"]}
             choice = None
             if len(seen) < self.size:
                 choice = self._sample_new(key, seen, self.max_collisions)

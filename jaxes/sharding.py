@@ -1,4 +1,8 @@
-"""The device mesh: one axis, ``data``. Batches are sharded on it, parameters replicated.
+"""The device mesh ``("rounds", "data")``: instances of a population on the first axis, batches on
+the second, everything else replicated (DESIGN §10).
+
+One device and one host give the mesh ``(1, 1)``; ``rounds=1`` (the default) puts every device on
+``data``, which is the single-instance mesh of a plain round.
 
 The same code runs on one CPU, on eight devices and across hosts (after
 ``jax.distributed.initialize()``): arrays are built with ``make_array_from_callback`` from the
@@ -7,6 +11,7 @@ full host copy that every process holds, so no process ever needs another's data
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -15,12 +20,36 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS = "data"
+ROUNDS_AXIS = "rounds"
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh ``("data",)`` over ``devices`` (default: every device of every process)."""
+def rounds_axis_size(population: int, num_devices: int) -> int:
+    """How many devices the population axis spans: ``gcd(K, devices)``, so both axes divide."""
+    return math.gcd(population, num_devices)
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None, *, population: int = 1) -> Mesh:
+    """The mesh ``("rounds", "data")`` over ``devices`` (default: every device of every process).
+
+    Args:
+      devices: the devices; default all of them, across hosts.
+      population: the number of instances trained together (``config.parallel.rounds``); the
+        rounds axis takes ``gcd(population, len(devices))`` devices, the data axis the rest.
+    """
     devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), (AXIS,))
+    rounds = rounds_axis_size(population, len(devices))
+    grid = np.asarray(devices).reshape(rounds, len(devices) // rounds)
+    return Mesh(grid, (ROUNDS_AXIS, AXIS))
+
+
+def data_size(mesh: Mesh) -> int:
+    """The number of devices a batch is split over."""
+    return mesh.shape[AXIS]
+
+
+def population_sharded(mesh: Mesh) -> NamedSharding:
+    """Arrays with a leading instance axis: one slice of instances per row of the mesh."""
+    return NamedSharding(mesh, PartitionSpec(ROUNDS_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -42,11 +71,12 @@ def put_tree(tree, sharding: NamedSharding):
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, name: str = "batch_size") -> None:
-    """Raises unless ``batch_size`` splits evenly over the mesh."""
-    if batch_size % mesh.size:
+    """Raises unless ``batch_size`` splits evenly over the mesh's data axis."""
+    size = data_size(mesh)
+    if batch_size % size:
         raise ValueError(
-            f"{name}={batch_size} must be a multiple of the {mesh.size} devices of the mesh; "
-            f"use e.g. {name}={max(1, batch_size // mesh.size) * mesh.size}."
+            f"{name}={batch_size} must be a multiple of the {size} devices of the data axis; "
+            f"use e.g. {name}={max(1, batch_size // size) * size}."
         )
 
 

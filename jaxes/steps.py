@@ -1,14 +1,14 @@
-"""The compiled programs of one round: init, train step and scan epoch (pure functions).
+"""The pure functions of training: loss, optimizer, step, epoch, and the jitted host-driver step.
 
-The functional boundary is ``nnx.split``: parameters and optimizer state are plain pytrees, the
-steps are pure and compiled once per (graph, hyper-parameters, mesh) with explicit shardings
-(batch on ``data``, everything else replicated) and donated buffers. ``train`` drives them.
+The functional boundary is ``nnx.split``: parameters and optimizer state are plain pytrees and
+the steps are pure. The learning rate and weight decay are traced arguments (``Hyper``), never
+part of a cache key, so searching them never recompiles. ``population`` builds the device
+program of a whole round from these; ``train`` drives the host-streamed fallback.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +26,24 @@ class HParams:
     spec: data_lib.InputSpec
     batch_size: int
     steps_per_epoch: int
-    learning_rate: float
-    weight_decay: float
     driver: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyper:
+    """The traced hyper-parameters of one instance (float32 scalars, or stacked per instance)."""
+
+    learning_rate: jax.Array
+    weight_decay: jax.Array
+
+    @classmethod
+    def of(cls, learning_rate, weight_decay) -> Hyper:
+        return cls(jnp.asarray(learning_rate, jnp.float32), jnp.asarray(weight_decay, jnp.float32))
+
+
+jax.tree_util.register_dataclass(
+    Hyper, data_fields=["learning_rate", "weight_decay"], meta_fields=[]
+)
 
 
 def _loss_fn(graphdef, params, rest, images, labels, key, spec):
@@ -37,20 +52,26 @@ def _loss_fn(graphdef, params, rest, images, labels, key, spec):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def _optimizer(h: HParams):
-    return optax.adamw(h.learning_rate, weight_decay=h.weight_decay)
+def optimizer(hyper: Hyper) -> optax.GradientTransformation:
+    """AdamW with traced learning rate and weight decay (its state does not depend on them)."""
+    return optax.adamw(hyper.learning_rate, weight_decay=hyper.weight_decay)
 
 
-def _step(graphdef, h, mesh, carry, images, labels, dropout_key, step):
+def step(graphdef, h, batch_spec, hyper, mask, carry, images, labels, dropout_key, step_index):
+    """One AdamW step. ``mask`` (or None) keeps a padded instance's padding at zero."""
     params, opt_state, rest = carry
-    images = jax.lax.with_sharding_constraint(images, sharding.batch_sharded(mesh))
-    labels = jax.lax.with_sharding_constraint(labels, sharding.batch_sharded(mesh))
-    key = jax.random.fold_in(dropout_key, step)
+    if batch_spec is not None:
+        images = jax.lax.with_sharding_constraint(images, batch_spec)
+        labels = jax.lax.with_sharding_constraint(labels, batch_spec)
+    key = jax.random.fold_in(dropout_key, step_index)
     loss, grads = jax.value_and_grad(_loss_fn, argnums=1)(
         graphdef, params, rest, images, labels, key, h.spec
     )
-    updates, opt_state = _optimizer(h).update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state, rest), loss
+    updates, opt_state = optimizer(hyper).update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    if mask is not None:
+        params = jax.tree.map(jnp.multiply, params, mask)
+    return (params, opt_state, rest), loss
 
 
 def epoch_order(data_key, epoch: int, num_examples: int, h: HParams):
@@ -59,13 +80,21 @@ def epoch_order(data_key, epoch: int, num_examples: int, h: HParams):
     return perm[: h.steps_per_epoch * h.batch_size].reshape(h.steps_per_epoch, h.batch_size)
 
 
-def _scan_epoch(graphdef, h, mesh, carry, images, labels, data_key, dropout_key, epoch):
+def scan_epoch(graphdef, h, batch_spec, hyper, mask, carry, images, labels, keys2, epoch):
+    """One epoch as a ``lax.scan`` over a keyed permutation of the on-device data.
+
+    ``keys2`` is ``(data_key, dropout_key)``; returns the new carry and the mean train loss.
+    """
+    data_key, dropout_key = keys2
     order = epoch_order(data_key, epoch, images.shape[0], h)
     first = epoch * h.steps_per_epoch
 
     def body(carry, xs):
         index, offset = xs
-        return _step(graphdef, h, mesh, carry, images[index], labels[index], dropout_key, offset)
+        return step(
+            graphdef, h, batch_spec, hyper, mask, carry, images[index], labels[index],
+            dropout_key, offset,
+        )  # fmt: skip
 
     unroll = h.steps_per_epoch if h.driver == "unrolled" else 1
     steps = first + jnp.arange(h.steps_per_epoch)
@@ -77,43 +106,37 @@ def _scan_epoch(graphdef, h, mesh, carry, images, labels, data_key, dropout_key,
 _PLACEHOLDER_LOG_RATE = -1.0
 
 
-@functools.lru_cache(maxsize=64)
-def initializer(arch: models.Arch, input_shape: tuple, num_classes: int, mesh):
-    """The graph of ``arch`` and a jitted ``init(key, log_rate) -> (params, log_rates)``.
-
-    One compiled init per architecture, instead of one eager compile per parameter shape.
-    """
-
-    def split(key):
-        model = models.build(arch, input_shape, num_classes, key, _PLACEHOLDER_LOG_RATE)
-        return nnx.split(model, nnx.Param, models.LogRate)
-
-    graphdef = nnx.eval_shape(lambda: split(jax.random.key(0)))[0]
-
-    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
-    def init(key, log_rate):
-        _, params, rates = split(key)
-        return params, jax.tree.map(lambda x: jnp.full_like(x, log_rate), rates)
-
-    return graphdef, init
+def init_instance(arch: models.Arch, input_shape: tuple, num_classes: int, key, log_rate):
+    """``(params, log_rates)`` of a fresh ``arch`` instance (traceable in ``key``/``log_rate``)."""
+    model = models.build(arch, input_shape, num_classes, key, _PLACEHOLDER_LOG_RATE)
+    _, params, rates = nnx.split(model, nnx.Param, models.LogRate)
+    return params, jax.tree.map(lambda x: jnp.full_like(x, log_rate), rates)
 
 
-@functools.lru_cache(maxsize=64)
-def compiled(graphdef, h: HParams, mesh):
-    """The jitted init/step/epoch functions of one (graph, hyper-parameters, mesh)."""
+def graph_of(arch: models.Arch, input_shape: tuple, num_classes: int):
+    """The graph of ``arch`` (no parameters allocated)."""
+    return nnx.eval_shape(
+        lambda: nnx.split(
+            models.build(arch, input_shape, num_classes, jax.random.key(0), _PLACEHOLDER_LOG_RATE),
+            nnx.Param,
+            models.LogRate,
+        )
+    )[0]
+
+
+def compiled_step(graphdef, h: HParams, mesh):
+    """The jitted ``(init, step)`` of the host driver: batch on ``data``, the rest replicated."""
     rep = sharding.replicated(mesh)
     batch = sharding.batch_sharded(mesh)
-    init = jax.jit(lambda params: _optimizer(h).init(params), out_shardings=rep)
-    step = jax.jit(
-        functools.partial(_step, graphdef, h, mesh),
-        in_shardings=(rep, batch, batch, rep, rep),
+    init = jax.jit(lambda params, hyper: optimizer(hyper).init(params), out_shardings=rep)
+
+    def host_step(carry, images, labels, dropout_key, step_index, hyper):
+        return step(graphdef, h, batch, hyper, None, carry, images, labels, dropout_key, step_index)
+
+    step_fn = jax.jit(
+        host_step,
+        in_shardings=(rep, batch, batch, rep, rep, rep),
         out_shardings=(rep, rep),
         donate_argnums=0,
     )
-    epoch = jax.jit(
-        functools.partial(_scan_epoch, graphdef, h, mesh),
-        in_shardings=(rep, rep, rep, rep, rep, rep),
-        out_shardings=(rep, rep),
-        donate_argnums=0,
-    )
-    return init, step, epoch
+    return init, step_fn

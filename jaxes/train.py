@@ -1,6 +1,10 @@
-"""One round: train an instance to convergence (claim 1), on a ``("data",)`` mesh.
+"""Rounds trained to convergence (claim 1): a generation of jobs -> one program per bucket.
 
-The compiled programs live in ``steps``; this module chooses how to drive them and when to stop.
+``Engine`` owns a run's compiled programs and its data on the device. ``Engine.train(jobs)``
+groups a generation's jobs by bucket (``padding``), pads each group to a power-of-two size that
+divides over the mesh's ``rounds`` axis, and runs one ``population`` program per group: every
+program is dispatched before any result is read, so the next group compiles while the previous
+one runs. A repeated (bucket, group size) never recompiles.
 
 Epoch drivers (a static choice, never timed at run time, so one config always runs one program):
   * ``scan``: data lives on the device; an epoch is one ``lax.scan`` over a keyed permutation,
@@ -16,17 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
-from collections.abc import Callable
-from queue import Queue
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxes import data as data_lib
-from jaxes import infer, keys, models, sharding, steps, stopping
+from jaxes import hostloop, keys, models, padding, population, sharding, steps
 
 DRIVERS = ("scan", "unrolled", "host")
 
@@ -42,6 +43,16 @@ DRIVER_TABLE = {
 DEFAULT_DRIVER = "scan"
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One round to train: its architecture, round key and traced hyper-parameters."""
+
+    arch: models.Arch
+    key: jax.Array  # the round key; keys.RoundKeys streams everything of the round
+    learning_rate: float
+    weight_decay: float
+
+
 @dataclasses.dataclass
 class RoundResult:
     """The outcome of one round: the best epoch's instance and how it got there."""
@@ -49,7 +60,7 @@ class RoundResult:
     arch: models.Arch
     log_rate: float
     graphdef: nnx.GraphDef
-    state: nnx.State | None  # params + LogRate of the best epoch; None if failed early
+    state: nnx.State | None  # params + LogRate of the best epoch (unpadded); None if failed early
     metrics: dict  # val_loss, val_accuracy, train_loss of the best epoch
     history: list[dict]
     epochs: int
@@ -57,6 +68,9 @@ class RoundResult:
     driver: str = DEFAULT_DRIVER  # the epoch driver that ran
     failed: bool = False
     message: str | None = None
+    learning_rate: float | None = None
+    weight_decay: float | None = None
+    bucket: models.Arch | None = None  # the padded architecture it trained as
 
 
 def choose_driver(backbone: str, requested: str, platform: str) -> str:
@@ -68,52 +82,219 @@ def choose_driver(backbone: str, requested: str, platform: str) -> str:
     return requested
 
 
-def _prefetched(batches, depth: int):
-    """Runs the ``batches`` generator on a thread, ``depth`` items ahead of the consumer."""
-    queue: Queue = Queue(maxsize=depth)
-    done = object()
-
-    def produce():
-        try:
-            for item in batches:
-                queue.put(item)
-        except BaseException as e:  # re-raised in the consumer
-            queue.put(e)
-        queue.put(done)
-
-    threading.Thread(target=produce, daemon=True).start()
-    while (item := queue.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+def group_size(n: int, rounds_axis: int) -> int:
+    """The population size a group of ``n`` jobs runs at: a power of two, divisible by the axis."""
+    size = 1 << (n - 1).bit_length()
+    return -(-size // rounds_axis) * rounds_axis
 
 
-def host_epoch(step_fn, carry, split, data_key, dropout_key, epoch, h, mesh):
-    """One epoch streamed from the host: batches gathered and placed on a prefetch thread."""
-    order = np.asarray(steps.epoch_order(data_key, epoch, len(split.labels), h))
-    batch = sharding.batch_sharded(mesh)
+class Engine:
+    """Trains generations of jobs for one run: its mesh, data on the device, compiled programs.
 
-    def batches():
-        for index in order:
-            yield sharding.put(split.images[index], batch), sharding.put(split.labels[index], batch)
+    Args:
+      data: the data set.
+      config: the ``train`` section of the run config (configs/digits.py).
+      mesh: the ``("rounds", "data")`` mesh (default: every device, rounds axis 1).
+      space: the search space (its largest sizes define the buckets); default: no padding.
+      pad_backbones: the backbones whose widths pad (``padding.DEFAULT_PAD_BACKBONES``).
+      on_epoch: ``on_epoch(job_index, epoch, val_loss)`` during training (host side).
+    """
 
-    losses = []
-    for i, (images, labels) in enumerate(_prefetched(batches(), depth=2)):
-        carry, loss = step_fn(carry, images, labels, dropout_key, epoch * h.steps_per_epoch + i)
-        losses.append(loss)
-    return carry, jnp.mean(jnp.stack(losses))
+    def __init__(
+        self,
+        data: data_lib.Data,
+        config,
+        *,
+        mesh=None,
+        space: Mapping[str, Sequence] | None = None,
+        pad_backbones: Sequence[str] = padding.DEFAULT_PAD_BACKBONES,
+        on_epoch: Callable[[int, int, float], None] | None = None,
+    ):
+        self.data, self.config = data, config
+        self.mesh = sharding.make_mesh() if mesh is None else mesh
+        sharding.check_batch_size(config.batch_size, self.mesh)
+        self.steps_per_epoch = len(data.train.labels) // config.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"batch_size={config.batch_size} exceeds the {len(data.train.labels)} training "
+                "examples; lower train.batch_size."
+            )
+        self.space = dict(space or {})
+        self.pad_backbones = tuple(pad_backbones)
+        self.on_epoch = on_epoch
+        self.programs: dict = {}  # (kind, bucket, static, size) -> compiled callables
+        self.compiles = 0  # programs built so far (each compiles on first call)
+        self._fits = hostloop.fits_on_device(data.train, config.device_memory_fraction, self.mesh)
+        self._device_data = None
+
+    def driver(self, arch: models.Arch) -> str:
+        """The epoch driver of ``arch``: the static table, or ``host`` if the data is too big."""
+        platform = self.mesh.devices.flat[0].platform
+        driver = choose_driver(arch.backbone, self.config.epoch_driver, platform)
+        return driver if driver == "host" or self._fits else "host"
+
+    def bucket(self, arch: models.Arch) -> models.Arch:
+        return padding.bucket(arch, self.space, self.pad_backbones)
+
+    def train(self, jobs: Sequence[Job]) -> list[RoundResult]:
+        """Trains every job to convergence; results in the order of ``jobs``."""
+        results: list[RoundResult | None] = [None] * len(jobs)
+        log_rates = [
+            models.draw_log_rate(keys.RoundKeys.of(j.key).dropout_rate, self.config.dropout_rate)
+            for j in jobs
+        ]
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            driver = self.driver(job.arch)
+            if driver == "host":
+                results[i] = self._host(job, log_rates[i], i)
+            else:
+                groups.setdefault((self.bucket(job.arch), driver), []).append(i)
+        pending = [
+            (indices, bucket, self._dispatch(bucket, driver, jobs, log_rates, indices))
+            for (bucket, driver), indices in groups.items()
+        ]
+        for indices, bucket, (outputs, driver) in pending:
+            host = jax.tree.map(np.asarray, outputs)
+            for lane, i in enumerate(indices):
+                results[i] = self._result(jobs[i], log_rates[i], bucket, driver, host, lane)
+        return results
+
+    def _host(self, job: Job, log_rate: float, index: int) -> RoundResult:
+        on_epoch = None
+        if self.on_epoch is not None:
+            on_epoch = lambda epoch, loss: self.on_epoch(index, epoch, loss)  # noqa: E731
+        fields = hostloop.to_convergence(
+            job, log_rate, self.data, self.config, self.mesh, self.programs, on_epoch
+        )
+        return RoundResult(
+            arch=job.arch, log_rate=log_rate, driver="host", learning_rate=job.learning_rate,
+            weight_decay=job.weight_decay, bucket=job.arch, **fields,
+        )  # fmt: skip
+
+    def _static(self, driver: str) -> population.Static:
+        c = self.config
+        eval_batch = min(c.eval_batch_size, len(self.data.validation.labels))
+        eval_batch = -(-eval_batch // sharding.data_size(self.mesh)) * sharding.data_size(self.mesh)
+        return population.Static(
+            hparams=steps.HParams(self.data.spec, c.batch_size, self.steps_per_epoch, driver),
+            max_epochs=c.max_epochs,
+            patience=c.patience,
+            min_delta=float(c.min_delta),
+            eval_batch_size=eval_batch,
+            num_validation=len(self.data.validation.labels),
+        )
+
+    def _on_device(self, eval_batch: int):
+        if self._device_data is None or self._device_data[0] != eval_batch:
+            rep = sharding.replicated(self.mesh)
+            arrays = (
+                self.data.train.images,
+                self.data.train.labels,
+                *population.padded_validation(self.data.validation, eval_batch),
+            )
+            self._device_data = (eval_batch, tuple(sharding.put(a, rep) for a in arrays))
+        return self._device_data[1]
+
+    def _programs(self, bucket: models.Arch, st: population.Static, size: int):
+        key = ("population", bucket, st, size, self.mesh)
+        if key not in self.programs:
+            spec = self.data.spec
+            graphdef = steps.graph_of(bucket, spec.shape, spec.num_classes)
+            init = population.init_program(bucket, spec.shape, spec.num_classes, self.mesh)
+            run = population.program(graphdef, st, self.mesh, self._report)
+            self.programs[key] = (graphdef, init, run)
+            self.compiles += 1
+        return self.programs[key]
+
+    def _report(self, index, epoch, val_loss, live):
+        if self.on_epoch is None:
+            return
+        for i, e, v, alive in zip(*(np.ravel(a) for a in (index, epoch, val_loss, live)),
+                                  strict=True):  # fmt: skip
+            if alive and i >= 0:
+                self.on_epoch(int(i), int(e), float(v))
+
+    def _dispatch(self, bucket, driver, jobs, log_rates, indices):
+        st = self._static(driver)
+        size = group_size(len(indices), self.mesh.shape[sharding.ROUNDS_AXIS])
+        _, init, run = self._programs(bucket, st, size)
+        lanes = [indices[min(lane, len(indices) - 1)] for lane in range(size)]  # pad: repeat last
+        round_keys = [keys.RoundKeys.of(jobs[i].key) for i in lanes]
+        pop = sharding.population_sharded(self.mesh)
+        raw = lambda ks: np.stack([np.asarray(jax.random.key_data(k)) for k in ks])  # noqa: E731
+        params, rest, mask = init(
+            sharding.put(raw([k.init for k in round_keys]), pop),
+            sharding.put(np.asarray([log_rates[i] for i in lanes], np.float32), pop),
+            sharding.put_tree(padding.RealSizes.of([jobs[i].arch for i in lanes]), pop),
+        )
+        hyper = steps.Hyper(
+            np.asarray([jobs[i].learning_rate for i in lanes], np.float32),
+            np.asarray([jobs[i].weight_decay for i in lanes], np.float32),
+        )
+        lane_keys = np.stack([raw([k.data for k in round_keys]),
+                              raw([k.dropout for k in round_keys])], axis=1)  # fmt: skip
+        active = np.arange(size) < len(indices)
+        # Each lane reports as its job's index in the generation; padding lanes as -1.
+        lane_index = np.asarray([i if on else -1 for i, on in zip(lanes, active, strict=True)],
+                                np.int32)  # fmt: skip
+        lanes_in = (
+            params, rest, mask,
+            sharding.put_tree(hyper, pop), sharding.put(lane_keys, pop),
+            sharding.put(active, pop), sharding.put(lane_index, pop),
+        )  # fmt: skip
+        # Asynchronous: the next group compiles while this one runs.
+        return run(lanes_in, *self._on_device(st.eval_batch_size)), driver
+
+    def _abstract(self, arch: models.Arch):
+        """``(graphdef, abstract state)`` of an unpadded ``arch`` (cached: no trace per round)."""
+        key = ("abstract", arch)
+        if key not in self.programs:
+            spec = self.data.spec
+            model = nnx.eval_shape(
+                lambda: models.build(arch, spec.shape, spec.num_classes, jax.random.key(0), -1.0)
+            )
+            self.programs[key] = nnx.split(model)
+        return self.programs[key]
+
+    def _result(self, job, log_rate, bucket, driver, host, lane) -> RoundResult:
+        n_val = len(self.data.validation.labels)
+        epochs = int(host["epochs"][lane])
+        best_epoch = int(host["best_epoch"][lane])
+        history = []
+        for epoch in range(epochs):
+            train_loss, val_loss, hits = (float(v) for v in host["history"][lane, epoch])
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                            "val_accuracy": hits / n_val})  # fmt: skip
+        failed = bool(host["failed"][lane])
+        message = None
+        if failed:
+            last = history[-1]
+            bad = next(k for k in ("train_loss", "val_loss") if not math.isfinite(last[k]))
+            message = f"{bad} became {last[bad]} at epoch {last['epoch']}"
+        graphdef, abstract = self._abstract(job.arch)
+        state, metrics = None, {}
+        if best_epoch >= 0:
+            pick = lambda tree: jax.tree.map(lambda x: x[lane], tree)  # noqa: E731
+            pure = padding.unpad(nnx.to_pure_dict(pick(host["params"])), bucket, job.arch)
+            pure = _merge(pure, nnx.to_pure_dict(pick(host["rest"])))
+            state = jax.tree.map(lambda x: x, abstract)  # a fresh State to fill
+            nnx.replace_by_pure_dict(state, sharding.put_tree(pure, sharding.replicated(self.mesh)))
+            metrics = {k: v for k, v in history[best_epoch].items() if k != "epoch"}
+        return RoundResult(
+            arch=job.arch, log_rate=log_rate, graphdef=graphdef, state=state, metrics=metrics,
+            history=history, epochs=epochs, best_epoch=best_epoch, driver=driver, failed=failed,
+            message=message, learning_rate=job.learning_rate, weight_decay=job.weight_decay,
+            bucket=bucket,
+        )  # fmt: skip
 
 
-def fits_on_device(split: data_lib.Split, fraction: float, mesh) -> bool:
-    """Whether a replicated copy of ``split`` fits ``fraction`` of each device's memory."""
-    need = data_lib.nbytes(split)
-    # Only this process's devices can be asked; every host of a run is assumed alike.
-    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    return need <= fraction * min(sharding.memory_bytes(d) for d in local)
-
-
-def _copy(tree):
-    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+def _merge(a: dict, b: dict) -> dict:
+    """Deep union of two nested dicts (params and log-rates of one model)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if k in out and isinstance(v, dict) else v
+    return out
 
 
 def to_convergence(
@@ -124,93 +305,15 @@ def to_convergence(
     *,
     mesh=None,
     on_epoch: Callable[[int, dict], None] | None = None,
+    engine: Engine | None = None,
 ) -> RoundResult:
-    """Trains one instance until validation loss stops improving (or ``max_epochs``).
+    """Trains one instance of ``arch`` to convergence with the config's hyper-parameters.
 
-    Convergence is the ``stopping`` machine with a fixed patience on validation loss (mode
-    "min", no budget extension); the instance returned is the best epoch's.
-
-    Args:
-      arch: the architecture.
-      data: train/validation splits and the input spec.
-      key: the round key; its named streams (``keys.RoundKeys``) seed everything.
-      config: the ``train`` section of the run config (see configs/digits.py).
-      mesh: the device mesh (default: all devices).
-      on_epoch: called after each epoch with (epoch, metrics).
-
-    Returns:
-      A RoundResult. A non-finite loss ends the round as failed, naming the epoch.
+    A one-job generation of an ``Engine`` (a new one unless ``engine`` is given: pass one to
+    reuse its compiled programs).
     """
-    mesh = sharding.make_mesh() if mesh is None else mesh
-    sharding.check_batch_size(config.batch_size, mesh)
-    train_split = data.train
-    steps_per_epoch = len(train_split.labels) // config.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"batch_size={config.batch_size} exceeds the {len(train_split.labels)} training "
-            "examples; lower train.batch_size."
-        )
-    driver = choose_driver(arch.backbone, config.epoch_driver, mesh.devices.flat[0].platform)
-    if driver != "host" and not fits_on_device(train_split, config.device_memory_fraction, mesh):
-        driver = "host"
-    h = steps.HParams(
-        spec=data.spec,
-        batch_size=config.batch_size,
-        steps_per_epoch=steps_per_epoch,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        driver=driver,
-    )
-    round_keys = keys.RoundKeys.of(key)
-    log_rate = models.draw_log_rate(round_keys.dropout_rate, config.dropout_rate)
-    graphdef, init_model = steps.initializer(arch, data.spec.shape, data.spec.num_classes, mesh)
-    params, rest = init_model(round_keys.init, log_rate)
-    init_fn, step_fn, epoch_fn = steps.compiled(graphdef, h, mesh)
-    rep = sharding.replicated(mesh)
-    carry = (params, init_fn(params), rest)
-    if driver != "host":
-        images = sharding.put(train_split.images, rep)
-        labels = sharding.put(train_split.labels, rep)
-    evaluator = infer.Evaluator(graphdef, data.spec, mesh, config.eval_batch_size)
-
-    convergence = stopping.init(
-        rounds=config.max_epochs,
-        patience=config.patience,
-        mode="min",
-        min_delta=config.min_delta,
-        extend=False,
-    )
-    history, best_state, best_metrics, best_epoch = [], None, {}, -1
-    for epoch in range(config.max_epochs):
-        if driver == "host":
-            carry, train_loss = host_epoch(
-                step_fn, carry, train_split, round_keys.data, round_keys.dropout, epoch, h, mesh
-            )
-        else:
-            carry, train_loss = epoch_fn(
-                carry, images, labels, round_keys.data, round_keys.dropout, epoch
-            )
-        val = evaluator.evaluate(nnx.merge_state(carry[0], carry[2]), data.validation)
-        metrics = {"epoch": epoch, "train_loss": float(train_loss)}
-        metrics.update({f"val_{k}": v for k, v in val.items()})
-        history.append(metrics)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-        bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(metrics[k])]
-        if bad:
-            return RoundResult(
-                arch, log_rate, graphdef, best_state, best_metrics, history, epoch + 1,
-                best_epoch, driver, failed=True,
-                message=f"{bad[0]} became {metrics[bad[0]]} at epoch {epoch}",
-            )  # fmt: skip
-        convergence = stopping.update(convergence, metrics["val_loss"])
-        if convergence.improved:
-            best_state = _copy(nnx.merge_state(carry[0], carry[2]))
-            best_metrics = {k: v for k, v in metrics.items() if k != "epoch"}
-            best_epoch = epoch
-        if convergence.stopped:
-            break
-    return RoundResult(
-        arch, log_rate, graphdef, best_state, best_metrics, history, len(history), best_epoch,
-        driver,
-    )  # fmt: skip
+    if engine is None:
+        report = None if on_epoch is None else (lambda i, e, v: on_epoch(e, {"val_loss": v}))
+        engine = Engine(data, config, mesh=mesh, on_epoch=report)
+    job = Job(arch, key, float(config.learning_rate), float(config.weight_decay))
+    return engine.train([job])[0]

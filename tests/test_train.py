@@ -15,10 +15,13 @@ import jax.monitoring
 import numpy as np
 import pytest
 
-from jaxes import infer, models, sharding, train
+from jaxes import hostloop, infer, models, sharding, train
 
 CONFIG_FILE = pathlib.Path(__file__).parent.parent / "configs" / "digits.py"
 TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+# Every XLA compile request is one of these: a real compile, or a persistent-cache hit.
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 def _train_config(variant: str = ""):
@@ -34,22 +37,30 @@ def _leaves(state):
 
 
 class _TraceCounter:
-    """Counts jaxpr traces of top-level jitted functions while it is active."""
+    """Counts jaxpr traces and XLA compile requests (compiles or cache hits) while active."""
 
     def __init__(self):
-        self.names = []
+        self.names, self.compiles = [], []
 
     def _listen(self, event, duration, **kwargs):
         del duration
         if event == TRACE_EVENT:
             self.names.append(kwargs.get("fun_name"))
+        if event == COMPILE_EVENT:
+            self.compiles.append(kwargs.get("fun_name"))
+
+    def _hit(self, event, **kwargs):
+        if event == CACHE_HIT_EVENT:
+            self.compiles.append("cache hit")
 
     def __enter__(self):
         jax.monitoring.register_event_duration_secs_listener(self._listen)
+        jax.monitoring.register_event_listener(self._hit)
         return self
 
     def __exit__(self, *exc):
         jax.monitoring.unregister_event_duration_listener(self._listen)
+        jax.monitoring.unregister_event_listener(self._hit)
 
 
 def test_default_mlp_reaches_95_percent_on_validation_and_test(digits):
@@ -88,23 +99,37 @@ def test_one_key_gives_bitwise_identical_parameters(digits):
     assert not all(np.array_equal(a, b) for a, b in pairs)
 
 
-def test_trace_counter_sees_a_new_trace():
+def test_trace_counter_sees_a_new_trace_and_compile():
     with _TraceCounter() as counter:
         jax.jit(lambda x: x * 3 + 1)(np.float32(2.0))
     assert counter.names
+    assert counter.compiles
 
 
-def test_same_arch_again_triggers_no_new_trace(digits):
+def test_same_bucket_and_searched_hyper_parameters_trigger_no_new_trace(digits):
     config = _train_config()
     config.max_epochs = 2
-    train.to_convergence(models.Arch(), digits, jax.random.key(0), config)  # warm the caches
-    # Another key and another dropout-rate range: a different instance of the same Arch.
+    space = {"backbone": ("mlp",), "depth": (2,), "width": (32, 64), "embed_dim": (16, 32)}
+    engine = train.Engine(digits, config, space=space)
+    arch = models.Arch("mlp", 2, 64, 32)
+    engine.train([train.Job(arch, jax.random.key(0), 1e-3, 1e-4)])  # warm the caches
+    assert engine.compiles == 1
+    # Another key and dropout-rate range, other sizes of the same bucket, another learning rate
+    # and weight decay: other instances, the same compiled programs.
     config.dropout_rate = (0.1, 0.2)
+    jobs = [
+        train.Job(models.Arch("mlp", 2, 32, 16), jax.random.key(1), 3e-3, 0.0),
+        train.Job(arch, jax.random.key(2), 1e-2, 1e-3),
+    ]
     with _TraceCounter() as counter:
-        result = train.to_convergence(models.Arch(), digits, jax.random.key(1), config)
-    assert not result.failed
-    assert math.log(0.1) <= result.log_rate <= math.log(0.2)
-    assert counter.names == []
+        engine.train(jobs[:1])
+        engine.train(jobs[1:])
+        results = engine.train([jobs[0]])
+    assert not results[0].failed
+    assert math.log(0.1) <= results[0].log_rate <= math.log(0.2)
+    assert results[0].learning_rate == 3e-3 and results[0].bucket == arch
+    assert counter.compiles == []  # (a new arch's eval_shape traces, but compiles nothing)
+    assert engine.compiles == 1
 
 
 def test_non_finite_loss_fails_the_round_naming_the_epoch(digits):
@@ -132,13 +157,13 @@ def test_host_driver_matches_device_driver_and_low_memory_forces_it(digits, monk
     on_device = train.to_convergence(models.Arch(), digits, key, config)
 
     host_epochs = []
-    host_epoch = train.host_epoch
+    host_epoch = hostloop.host_epoch
 
     def spy(*args, **kwargs):
-        host_epochs.append(args[5])  # the epoch index
+        host_epochs.append(args[4])  # the epoch index
         return host_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(train, "host_epoch", spy)
+    monkeypatch.setattr(hostloop, "host_epoch", spy)
     config.device_memory_fraction = 1e-12  # digits no longer "fits": the host streams it
     streamed = train.to_convergence(models.Arch(), digits, key, config)
     assert host_epochs == list(range(config.max_epochs))
@@ -172,22 +197,24 @@ _SHARDED_STEP = textwrap.dedent(
     params_file = sys.argv[4]
     model = models.build(models.Arch(), spec.shape, spec.num_classes, jax.random.key(0), -1.5)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    hparams = steps.HParams(spec, len(labels), 1, 1e-3, 1e-4, "host")
+    hparams = steps.HParams(spec, len(labels), 1, "host")
+    hyper = steps.Hyper.of(1e-3, 1e-4)
     dropout_key = jax.random.key(7)
     out = {"device_count": jax.device_count()}
     arrays = {f"start_{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(params))}
     for devices in (1, 8):
         mesh = sharding.make_mesh(jax.devices()[:devices])
-        init_fn, step_fn, _ = steps.compiled(graphdef, hparams, mesh)
+        init_fn, step_fn = steps.compiled_step(graphdef, hparams, mesh)
         replicated = sharding.replicated(mesh)
         start = sharding.put_tree(params, replicated)
-        carry = (start, init_fn(start), sharding.put_tree(rest, replicated))
+        h = sharding.put_tree(hyper, replicated)
+        carry = (start, init_fn(start, h), sharding.put_tree(rest, replicated))
         batch = sharding.batch_sharded(mesh)
         x, y = sharding.put(images, batch), sharding.put(labels, batch)
         # Compile ahead of time to read the step's own input shardings, then run that program.
-        step = step_fn.lower(carry, x, y, dropout_key, 0).compile()
+        step = step_fn.lower(carry, x, y, dropout_key, 0, h).compile()
         images_sharding = step.input_shardings[0][1]
-        (new_params, _, _), loss = step(carry, x, y, dropout_key, 0)
+        (new_params, _, _), loss = step(carry, x, y, dropout_key, 0, h)
         out[f"step_images_devices_{devices}"] = images_sharding.num_devices
         out[f"step_images_replicated_{devices}"] = images_sharding.is_fully_replicated
         out[f"images_shard_rows_{devices}"] = sorted(

@@ -1,0 +1,195 @@
+"""Size buckets: architectures that differ only in widths share one compiled program (DESIGN §10).
+
+An instance of ``arch`` is trained as an instance of its *bucket*, the same architecture with
+``width`` and ``embed_dim`` raised to the bucket's sizes, and a 0/1 *mask* per parameter that
+keeps the padding at zero. With the padded kernel rows and columns and the padded biases at zero,
+a padded unit's pre-activation is 0, GELU(0) = 0 and dropout keeps 0, so every padded unit outputs
+0, receives a zero gradient and passes none on: the real units compute exactly the function of the
+unpadded architecture (up to the order of float additions). The masks are applied after every
+update anyway, so nothing (weight decay, a non-finite step) can move the padding.
+
+The real sizes are traced arguments (``RealSizes``), so one program serves every size in its
+bucket. ``init`` draws each kernel's real part from ``lecun_normal`` on the *real* fan-in, so the
+real units start from exactly the distribution of the unpadded init.
+
+``unpad`` cuts a trained padded instance back to its own architecture; that is what is saved,
+embedded and exported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxes import models
+
+# Which backbones pad their block widths by default. MLPs on small inputs are overhead-bound, so
+# a wider matmul costs almost nothing and a shared program saves a compile. A CNN's cost grows
+# with width squared (benchmarks/README.md), so its blocks keep their own width; its embedding
+# layer (a dense layer) still pads.
+DEFAULT_PAD_BACKBONES = ("mlp",)
+
+
+@dataclasses.dataclass(frozen=True)
+class RealSizes:
+    """The traced sizes of one instance inside its bucket."""
+
+    width: jax.Array
+    embed_dim: jax.Array
+
+    @classmethod
+    def of(cls, archs: Sequence[models.Arch]) -> RealSizes:
+        """The stacked sizes of ``archs`` (a leading instance axis)."""
+        return cls(
+            width=np.asarray([a.width for a in archs], np.int32),
+            embed_dim=np.asarray([a.embed_dim for a in archs], np.int32),
+        )
+
+
+jax.tree_util.register_dataclass(RealSizes, data_fields=["width", "embed_dim"], meta_fields=[])
+
+
+def bucket(
+    arch: models.Arch,
+    space: Mapping[str, Sequence],
+    pad_backbones: Sequence[str] = DEFAULT_PAD_BACKBONES,
+) -> models.Arch:
+    """The bucket of ``arch``: its width and embedding size raised to the largest in ``space``.
+
+    Args:
+      arch: the architecture.
+      space: the search space (field -> values); a field it does not list keeps its value.
+      pad_backbones: the backbones whose block widths pad; every backbone pads ``embed_dim``.
+    """
+
+    def top(field, value):
+        values = [v for v in space.get(field, ()) if isinstance(v, int) and not isinstance(v, bool)]
+        return max([value, *values])
+
+    width = top("width", arch.width) if arch.backbone in pad_backbones else arch.width
+    return dataclasses.replace(arch, width=width, embed_dim=top("embed_dim", arch.embed_dim))
+
+
+def _names(path: tuple) -> list:
+    """A parameter's path as plain names (``nnx.Variable``'s trailing ``.value`` dropped)."""
+    names = []
+    for k in path:
+        if isinstance(k, jax.tree_util.GetAttrKey):
+            continue
+        names.append(getattr(k, "key", getattr(k, "idx", k)))
+    return names
+
+
+def _axes(path: tuple, ndim: int, backbone: str) -> tuple:
+    """What bounds each axis of the parameter at ``path``.
+
+    ``None``: never padded; ``"width"``/``"embed"``: the first real-size entries are real;
+    ``"flat_width"``: a flattened (..., channels) axis whose channel index is ``i % channels``.
+    """
+    names = _names(path)
+    leaf = names[-1]
+    if names[0] == "blocks":
+        first = names[1] == 0
+        out = ("width",)
+        if leaf == "bias":
+            return out
+        spatial = (None,) * (ndim - 2)
+        return (*spatial, None if first else "width", *out)
+    if names[0] == "embedding":
+        if leaf == "bias":
+            return ("embed",)
+        return ("flat_width" if backbone == "cnn" else "width", "embed")
+    if names[0] == "head":
+        return (None,) if leaf == "bias" else ("embed", None)
+    raise ValueError(f"no padding rule for parameter {'/'.join(map(str, names))}")
+
+
+def _axis_mask(kind, length: int, channels: int, sizes: RealSizes) -> jax.Array:
+    index = jnp.arange(length)
+    if kind is None:
+        return jnp.ones((length,), bool)
+    if kind == "width":
+        return index < sizes.width
+    if kind == "flat_width":
+        return index % channels < sizes.width
+    return index < sizes.embed_dim
+
+
+def masks(params, bucket_arch: models.Arch, sizes: RealSizes):
+    """0/1 float masks shaped like ``params`` (one instance; traceable in ``sizes``)."""
+
+    def mask(path, leaf):
+        axes = _axes(path, leaf.ndim, bucket_arch.backbone)
+        out = jnp.ones((), leaf.dtype)
+        for axis, kind in enumerate(axes):
+            if kind is None:
+                continue
+            m = _axis_mask(kind, leaf.shape[axis], bucket_arch.width, sizes)
+            shape = [1] * leaf.ndim
+            shape[axis] = leaf.shape[axis]
+            out = out * m.reshape(shape).astype(leaf.dtype)
+        return jnp.broadcast_to(out, leaf.shape)
+
+    return jax.tree_util.tree_map_with_path(mask, params)
+
+
+# jax.nn.initializers.variance_scaling's constant: the std of a standard normal truncated to
+# [-2, 2], so that the truncated draw has the intended variance.
+_TRUNCATED_STD = 0.87962566103423978
+
+
+def init(abstract_params, mask_tree, key: jax.Array):
+    """A fresh padded instance: ``lecun_normal`` kernels on the real fan-in, zero biases, masked.
+
+    The model's own init (``nnx.Linear`` and ``models.Conv3x3``) is ``lecun_normal``, a normal
+    truncated to two deviations with variance ``1 / fan_in``, and zero biases. Here ``fan_in`` is
+    the real one (a traced count), so real units get exactly the unpadded distribution. All
+    kernels come from one truncated-normal draw (one ``erfinv`` to compile, not one per layer).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
+    masks_flat = treedef.flatten_up_to(mask_tree)
+    kernels = [i for i, (path, _) in enumerate(leaves) if _names(path)[-1] == "kernel"]
+    total = sum(leaves[i][1].size for i in kernels)
+    draws = jax.random.truncated_normal(key, -2.0, 2.0, (total,), jnp.float32)
+    out, offset = [], 0
+    for i, ((_, leaf), mask) in enumerate(zip(leaves, masks_flat, strict=True)):
+        if i in kernels:
+            real_in = jnp.maximum(jnp.sum(mask[..., 0]), 1.0)
+            std = jax.lax.rsqrt(real_in) / _TRUNCATED_STD
+            value = draws[offset : offset + leaf.size].reshape(leaf.shape) * std
+            offset += leaf.size
+        else:
+            value = jnp.zeros(leaf.shape, leaf.dtype)
+        out.append((value * mask).astype(leaf.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def unpad(pure: Mapping, bucket_arch: models.Arch, arch: models.Arch) -> dict:
+    """The parameters of ``arch`` cut out of a padded instance's pure dict (host arrays)."""
+    sizes = {"width": arch.width, "embed": arch.embed_dim}
+
+    def cut(path, leaf):
+        leaf = np.asarray(leaf)
+        if path[0] not in ("blocks", "embedding", "head"):
+            return leaf  # LogRate and other state: not padded
+        keyed = [jax.tree_util.DictKey(p) for p in path]
+        axes = _axes(tuple(keyed), leaf.ndim, bucket_arch.backbone)
+        for axis, kind in enumerate(axes):
+            if kind == "flat_width":
+                rows = leaf.shape[axis] // bucket_arch.width
+                grid = leaf.reshape(rows, bucket_arch.width, *leaf.shape[axis + 1 :])
+                leaf = grid[:, : arch.width].reshape(rows * arch.width, *leaf.shape[axis + 1 :])
+            elif kind is not None:
+                leaf = np.take(leaf, np.arange(sizes[kind]), axis=axis)
+        return leaf
+
+    def walk(node, path):
+        if isinstance(node, Mapping):
+            return {k: walk(v, (*path, k)) for k, v in node.items()}
+        return cut(path, node)
+
+    return walk(pure, ())
