@@ -3,8 +3,10 @@
 For each backbone, on one machine and in one process, it measures optimizer steps per second and
 compile seconds of:
 
-* jaxes' epoch loop: ``steps.compiled`` driven as ``train.to_convergence`` drives it, once per
-  driver (scan, unrolled, host); the one ``train.DRIVER_TABLE`` picks is marked ``*``.
+* jaxes' epoch loop: ``steps.scan_epoch`` (the epoch of the device program) and the host
+  driver's jitted ``steps.compiled_step``, once per driver (scan, unrolled, host); the one
+  ``train.DRIVER_TABLE`` picks is marked ``*``. (The population program adds the validation
+  pass and the patience rule on the device: ``benchmarks/population_throughput.py``.)
 * "plain": the Flax MNIST example's loop (``nnx.Optimizer``, an ``@nnx.jit`` train step, numpy
   batches fed from the host), with the same model, init, loss, optimizer and batch size.
 
@@ -37,7 +39,7 @@ import optax
 from flax import nnx
 
 from jaxes import data as data_lib
-from jaxes import keys, models, sharding, train
+from jaxes import hostloop, keys, models, sharding, train
 from jaxes import steps as steps_lib
 
 DEFAULT_ARCHS = {"mlp": "2,256,64", "cnn": "2,64,64"}  # depth,width,embed_dim
@@ -183,13 +185,28 @@ def _model(arch, data, key):
 
 def _jaxes_setup(arch, data, driver, key, mesh, args):
     steps = len(data.train.labels) // args.batch_size
-    h = steps_lib.HParams(data.spec, args.batch_size, steps, LEARNING_RATE, WEIGHT_DECAY, driver)
+    h = steps_lib.HParams(data.spec, args.batch_size, steps, driver)
     model, round_keys = _model(arch, data, key)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    init_fn, step_fn, epoch_fn = steps_lib.compiled(graphdef, h, mesh)
     rep = sharding.replicated(mesh)
+    hyper = sharding.put_tree(steps_lib.Hyper.of(LEARNING_RATE, WEIGHT_DECAY), rep)
+    init_fn, host_step = steps_lib.compiled_step(graphdef, h, mesh)
+    batch = sharding.batch_sharded(mesh)
+
+    def epoch(carry, images, labels, data_key, dropout_key, epoch_index):
+        return steps_lib.scan_epoch(
+            graphdef, h, batch, hyper, None, carry, images, labels, (data_key, dropout_key),
+            epoch_index,
+        )  # fmt: skip
+
+    epoch_fn = jax.jit(epoch, donate_argnums=0)
+
+    def step_fn(carry, images, labels, dropout_key, step_index):
+        return host_step(carry, images, labels, dropout_key, step_index, hyper)
+
+    step_fn.lower = lambda *a: host_step.lower(*a, hyper)  # for the cost analysis
     params, rest = sharding.put_tree(params, rep), sharding.put_tree(rest, rep)
-    return h, round_keys, step_fn, epoch_fn, (params, init_fn(params), rest)
+    return h, round_keys, step_fn, epoch_fn, (params, init_fn(params, hyper), rest)
 
 
 def jaxes_loop(arch, data, driver, key, mesh, args) -> Loop:
@@ -199,9 +216,10 @@ def jaxes_loop(arch, data, driver, key, mesh, args) -> Loop:
     if driver == "host":
 
         def run_epoch(carry, epoch):
-            return train.host_epoch(
-                step_fn, carry, split, round_keys.data, round_keys.dropout, epoch, h, mesh
-            )
+            return hostloop.host_epoch(
+                lambda c, x, y, k, i, _: step_fn(c, x, y, k, i), carry, split, round_keys,
+                epoch, h, mesh, None,
+            )  # fmt: skip
     else:
         rep = sharding.replicated(mesh)
         images, labels = sharding.put(split.images, rep), sharding.put(split.labels, rep)

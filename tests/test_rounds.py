@@ -3,6 +3,7 @@ multi-process, and exit code 2 for bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -50,10 +51,10 @@ def _run(workdir_path, data_dir, *extra, check=True):
     return proc
 
 
-def _run_killed(workdir_path, data_dir, ready) -> None:
-    """Starts a run and SIGKILLs it as soon as ``ready(workdir_path)`` holds."""
+def _run_killed(workdir_path, data_dir, ready, cmd=None) -> None:
+    """Starts a run (``cmd``, default the smoke run) and SIGKILLs it once ``ready(path)`` holds."""
     proc = subprocess.Popen(
-        _cmd(workdir_path, data_dir), env=_env(), cwd=ROOT,
+        cmd or _cmd(workdir_path, data_dir), env=_env(), cwd=ROOT,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 300
@@ -309,17 +310,16 @@ def test_a_diverging_round_is_recorded_as_failed_and_the_run_goes_on(
     config = module.get_config("smoke")
     config.data_dir = str(digits_data_dir)
     config.tolerance.r = -0.1  # tolerance 3 of 4 rounds: a failure alone cannot end the run
-    real = train.to_convergence
+    real = train.Engine.train
     calls = []
 
-    def diverge_in_round_one(arch, data, key, train_config, **kwargs):
-        calls.append(arch)
-        if len(calls) == 2:
-            train_config = train_config.copy_and_resolve_references()
-            train_config.learning_rate = 1e30
-        return real(arch, data, key, train_config, **kwargs)
+    def diverge_in_round_one(engine, jobs):
+        calls.append(jobs)
+        if len(calls) == 2:  # K = 1: the second generation is round 1
+            jobs = [dataclasses.replace(job, learning_rate=1e30) for job in jobs]
+        return real(engine, jobs)
 
-    monkeypatch.setattr(train, "to_convergence", diverge_in_round_one)
+    monkeypatch.setattr(train.Engine, "train", diverge_in_round_one)
     summary = rounds.run(config, tmp_path, stream=open(os.devnull, "w"))  # noqa: SIM115
     records = workdir.read_rounds(tmp_path)
     assert [r["status"] for r in records][:3] == ["ok", "failed", "ok"]

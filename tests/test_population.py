@@ -1,0 +1,210 @@
+"""Tests for the population engine: the jnp convergence rule, padding, generations, sharding."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxes import data as data_lib
+from jaxes import models, padding, population, sharding, steps, stopping, train
+from tests.test_train import _train_config
+
+
+def _device_rule(losses, patience, min_delta, max_epochs):
+    """Feeds ``losses`` to the jnp rule, as the device program does; returns its decisions."""
+    rule = jax.jit(population.patience_rule, static_argnames=("patience", "max_epochs"))
+    best, streak = jnp.float32(jnp.inf), jnp.int32(0)
+    out = []
+    for epoch, loss in enumerate(losses):
+        best, streak, improved, stopped = rule(
+            best, streak, jnp.int32(epoch), jnp.float32(loss),
+            patience=patience, min_delta=min_delta, max_epochs=max_epochs,
+        )  # fmt: skip
+        out.append((bool(improved), int(streak), bool(stopped)))
+        if stopped:
+            break
+    return out
+
+
+def _host_rule(losses, patience, min_delta, max_epochs):
+    state = stopping.init(
+        rounds=max_epochs, patience=patience, mode="min", min_delta=min_delta, extend=False
+    )
+    out = []
+    for loss in losses:
+        state = stopping.update(state, float(np.float32(loss)))
+        out.append((state.improved, state.streak, state.stopped))
+        if state.stopped:
+            break
+    return out
+
+
+# Losses on a coarse float32 grid make ties and exact deltas common; NaN and inf test the
+# non-finite path (never the best, counts as below it).
+_LOSS = st.one_of(
+    st.integers(0, 64).map(lambda k: k / 16),
+    st.sampled_from([math.nan, math.inf, -math.inf]),
+    st.floats(0, 10, width=32),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    losses=st.lists(_LOSS, min_size=1, max_size=30),
+    patience=st.integers(1, 8),
+    max_epochs=st.integers(1, 30),
+    min_delta=st.sampled_from([0.0, 0.0625, 0.25]),
+)
+def test_jnp_rule_equals_stopping_on_every_sequence(losses, patience, max_epochs, min_delta):
+    # A delta on the 1/16 grid is exact in float32 and float64, so both round identically.
+    if min_delta:
+        losses = [x if not math.isfinite(x) else round(x * 16) / 16 for x in losses]
+    assert _device_rule(losses, patience, min_delta, max_epochs) == _host_rule(
+        losses, patience, min_delta, max_epochs
+    )
+
+
+def test_jnp_rule_ties_reset_and_stops_at_patience():
+    # Hand-worked: 1.0 best; 1.0 tie resets (claim 4); 2, 3 below; patience 2 stops at epoch 3.
+    assert _device_rule([1.0, 1.0, 2.0, 3.0, 0.5], 2, 0.0, 10) == [
+        (True, 0, False),
+        (False, 0, False),
+        (False, 1, False),
+        (False, 2, True),
+    ]
+
+
+def _padded_and_own(arch, bucket, input_shape, key):
+    """A trained-like padded instance (random real part), and its unpadded cut."""
+    params_shape, _ = jax.eval_shape(
+        lambda: steps.init_instance(bucket, input_shape, 10, jax.random.key(0), -1.0)
+    )
+    sizes = padding.RealSizes(jnp.int32(arch.width), jnp.int32(arch.embed_dim))
+    mask = padding.masks(params_shape, bucket, sizes)
+    params = padding.init(params_shape, mask, key)
+    # Make biases non-zero on real units so the test sees them too.
+    params = jax.tree.map(lambda p, m: p + 0.1 * m, params, mask)
+    own = padding.unpad(nnx.to_pure_dict(params), bucket, arch)
+    return params, own, mask
+
+
+@pytest.mark.parametrize(
+    "arch,bucket",
+    [
+        (models.Arch("mlp", 2, 24, 8), models.Arch("mlp", 2, 64, 32)),
+        (models.Arch("mlp", 1, 64, 16), models.Arch("mlp", 1, 64, 32)),
+        (models.Arch("cnn", 2, 8, 8), models.Arch("cnn", 2, 16, 16)),
+    ],
+)
+def test_padded_instance_computes_its_own_architecture(arch, bucket):
+    input_shape = (8, 8, 1)
+    params, own, _ = _padded_and_own(arch, bucket, input_shape, jax.random.key(3))
+    images = jax.random.uniform(jax.random.key(4), (5, *input_shape))
+
+    def model_of(a, pure):
+        model = models.build(a, input_shape, 10, jax.random.key(0), -1.0)
+        graphdef, state = nnx.split(model)
+        nnx.replace_by_pure_dict(state, pure)
+        return nnx.merge(graphdef, state)
+
+    rates = {"blocks": {i: {"dropout": {"log_rate": -1.0}} for i in range(arch.depth)}}
+    padded = model_of(bucket, train._merge(nnx.to_pure_dict(params), rates))
+    small = model_of(arch, train._merge(own, rates))
+    np.testing.assert_allclose(padded.logits(images), small.logits(images), atol=1e-5)
+    emb = padded.embed(images)
+    np.testing.assert_allclose(emb[:, : arch.embed_dim], small.embed(images), atol=1e-5)
+    assert np.all(np.asarray(emb[:, arch.embed_dim :]) == 0)
+    # The cut has exactly the unpadded shapes.
+    reference_model = models.build(arch, input_shape, 10, jax.random.key(0), -1.0)
+    reference = nnx.to_pure_dict(nnx.split(reference_model, nnx.Param, ...)[1])
+    assert jax.tree.map(np.shape, own) == jax.tree.map(np.shape, reference)
+
+
+def test_padding_gets_zero_gradient_and_stays_zero():
+    arch, bucket = models.Arch("mlp", 2, 24, 8), models.Arch("mlp", 2, 64, 32)
+    params, _, mask = _padded_and_own(arch, bucket, (8, 8, 1), jax.random.key(5))
+    model = models.build(bucket, (8, 8, 1), 10, jax.random.key(0), -1.5)
+    graphdef, _, rest = nnx.split(model, nnx.Param, models.LogRate)
+    images = jax.random.uniform(jax.random.key(6), (16, 8, 8, 1))
+    labels = jnp.arange(16) % 10
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p, rest).logits(images, jax.random.key(7))
+        return jnp.mean(logits**2) + jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(16), labels])
+
+    grads = jax.grad(loss)(params)
+    for g, m in zip(jax.tree.leaves(grads), jax.tree.leaves(mask), strict=True):
+        assert np.all(np.asarray(g)[np.asarray(m) == 0] == 0)
+        assert np.any(np.asarray(g)[np.asarray(m) == 1] != 0)
+
+
+def test_padded_init_matches_the_unpadded_init_distribution():
+    # Real units of a padded hidden kernel (fan-in 24 of 256) against the model's own init.
+    arch, bucket = models.Arch("mlp", 2, 24, 8), models.Arch("mlp", 2, 256, 64)
+    stds, own_stds = [], []
+    for seed in range(20):
+        _, own, _ = _padded_and_own(arch, bucket, (8, 8, 1), jax.random.key(seed))
+        stds.append(np.std(own["blocks"][1]["layer"]["kernel"]))
+        reference = models.build(arch, (8, 8, 1), 10, jax.random.key(100 + seed), -1.0)
+        own_stds.append(np.std(np.asarray(reference.blocks[1].layer.kernel[...])))
+    # lecun_normal: std 1/sqrt(fan_in) = 0.204 for fan-in 24; the two agree to sampling error.
+    assert np.mean(stds) == pytest.approx(1 / math.sqrt(24), rel=0.05)
+    assert np.mean(stds) == pytest.approx(np.mean(own_stds), rel=0.05)
+
+
+def test_group_sizes_are_powers_of_two_dividing_the_rounds_axis():
+    assert [train.group_size(n, 1) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
+    assert [train.group_size(n, 4) for n in (1, 2, 3, 5)] == [4, 4, 4, 8]
+    assert train.group_size(3, 3) == 6
+
+
+def test_a_population_equals_its_members_trained_alone(digits):
+    """Each instance of a vmapped group converges on its own: as if trained alone."""
+    config = _train_config()
+    config.max_epochs = 8
+    config.patience = 2
+    space = {"backbone": ("mlp",), "width": (16, 32), "embed_dim": (8, 16)}
+    archs = [
+        models.Arch("mlp", 1, 16, 8),
+        models.Arch("mlp", 1, 32, 16),
+        models.Arch("mlp", 1, 32, 8),
+    ]
+    jobs = [
+        train.Job(a, jax.random.key(10 + i), lr, 1e-4)
+        for i, (a, lr) in enumerate(zip(archs, (1e-3, 3e-3, 1e-2), strict=True))
+    ]
+    engine = train.Engine(digits, config, space=space)
+    together = engine.train(jobs)
+    alone = [engine.train([job])[0] for job in jobs]
+    assert engine.compiles == 2  # group sizes 4 (three jobs, padded) and 1
+    for a, b in zip(together, alone, strict=True):
+        assert a.epochs == b.epochs and a.best_epoch == b.best_epoch
+        assert [h["val_accuracy"] for h in a.history] == [h["val_accuracy"] for h in b.history]
+        np.testing.assert_allclose(
+            [h["val_loss"] for h in a.history], [h["val_loss"] for h in b.history], rtol=1e-5
+        )
+    # Different hyper-parameters really did give different runs.
+    assert len({r.epochs for r in together} | {r.metrics["val_loss"] for r in together}) > 1
+
+
+def test_kept_instance_matches_padded_training_on_validation(digits):
+    """The saved (unpadded) instance scores exactly what the padded one scored in training."""
+    from jaxes import infer
+
+    config = _train_config()
+    config.max_epochs = 5
+    space = {"width": (16, 64), "embed_dim": (8, 32)}
+    engine = train.Engine(digits, config, space=space)
+    result = engine.train([train.Job(models.Arch("mlp", 2, 16, 8), jax.random.key(1), 1e-3, 0)])[0]
+    assert result.bucket == models.Arch("mlp", 2, 64, 32)
+    mesh = sharding.make_mesh()
+    evaluator = infer.Evaluator(result.graphdef, digits.spec, mesh, 512)
+    val = evaluator.evaluate(result.state, digits.validation)
+    assert val["accuracy"] == result.metrics["val_accuracy"]
+    assert val["loss"] == pytest.approx(result.metrics["val_loss"], abs=1e-5)
+    assert isinstance(digits, data_lib.Data)
