@@ -26,6 +26,42 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
     return format(value, spec) if _finite(value) else "-"
 
 
+def plural(count: int, word: str) -> str:
+    """``1 round``, ``2 rounds``, ``0 epochs``."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def _patience_text(patience: Any, r: Any) -> str:
+    """``7 (r = -0.3260)`` for a drawn patience, ``5 (fixed patience)`` for a fixed one."""
+    return f"{patience} ({'fixed patience' if r is None else f'r = {_fmt(r)}'})"
+
+
+def start_message(tol: Any, *, resumed: bool) -> str:
+    """What a run does as it starts, from its tolerance state (a ``stopping.State``)."""
+    patience = _patience_text(tol.patience, tol.r)
+    if resumed and tol.stopped:
+        return f"all rounds done (stop: {tol.reason}); finishing the run"
+    if resumed:
+        return f"resuming at round {tol.round} of {tol.rounds}, patience {patience}"
+    return f"starting round 0 of {tol.rounds}, patience {patience}"
+
+
+def finished_message(summary: Mapping[str, Any]) -> str:
+    return f"run already finished (stop: {summary.get('stop_reason')}); nothing to do"
+
+
+def space_warning(config: Any, strategy: Any) -> str | None:
+    """A warning when ``config.rounds`` asks for more rounds than the search space holds."""
+    if strategy.name == "fixed" or config.rounds <= strategy.size:
+        return None
+    space = plural(strategy.size, "architecture")
+    if strategy.name == "random":
+        then = f"the run stops (search_exhausted) after at most {plural(strategy.size, 'round')}"
+    else:
+        then = "later rounds train architectures already tried, with new initializations"
+    return f"warning: config.rounds={config.rounds} exceeds the {space} of the search space; {then}"
+
+
 def _duration(seconds: float) -> str:
     """Formats seconds as m:ss, or h:mm:ss from an hour on."""
     minutes, secs = divmod(max(0, round(seconds)), 60)
@@ -80,9 +116,11 @@ class Progress:
         for record in records:
             self._absorb(record, record.get("wall_seconds"))
 
-    def start_round(self, round_index: int, budget: int) -> None:
+    def start_round(self, round_index: int, budget: int, patience: int | None = None) -> None:
         """Marks the start of a round; ``budget`` is the current round budget."""
         self._round_index, self._budget = round_index, budget
+        if patience is not None:
+            self._patience = patience
         self._epoch = self._val_loss = None
         self._round_start = self._clock()
         self._draw()
@@ -155,7 +193,7 @@ class Progress:
         line = (
             f"round {index} [{index + 1}/{self._budget}]: {outcome} "
             f"(best {_fmt(self._best)}{best_at}), "
-            f"streak {self._streak}/{self._patience}, {record.get('epochs', '-')} epochs, "
+            f"streak {self._streak}/{self._patience}, {_epochs(record.get('epochs'))}, "
             f"{_fmt(record.get('wall_seconds'), '.1f')}s"
         )
         if record.get("stopped"):
@@ -218,7 +256,7 @@ def summary_table(summary: Mapping[str, Any], records: Sequence[dict]) -> str:
         items.append(("knn top-1", _fmt(summary["knn_top1"])))
     items += [
         ("rounds", budget),
-        ("patience", f"{summary.get('patience', '-')} (r = {_fmt(summary.get('r'))})"),
+        ("patience", _patience_text(summary.get("patience", "-"), summary.get("r"))),
         ("stop reason", str(summary.get("stop_reason") or "-")),
         ("best arch", _arch_short(summary.get("best_arch"))),
         ("wall time", f"{wall:.1f} s ({_duration(wall)})" if _finite(wall) else "-"),
@@ -226,6 +264,10 @@ def summary_table(summary: Mapping[str, Any], records: Sequence[dict]) -> str:
     lines.append("")
     lines += [f"{name:<12} {value}"[:100] for name, value in items]
     return "\n".join(lines)
+
+
+def _epochs(epochs: Any) -> str:
+    return plural(epochs, "epoch") if isinstance(epochs, int) else "- epochs"
 
 
 def _arch_short(arch: Any) -> str:

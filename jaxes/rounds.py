@@ -9,6 +9,7 @@ uninterrupted run would: every round's randomness is a pure function of (seed, r
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -19,6 +20,7 @@ from flax import nnx
 
 from jaxes import (
     checkpoint,
+    files,
     infer,
     instance,
     keys,
@@ -30,6 +32,7 @@ from jaxes import (
     tboard,
 )
 from jaxes import data as data_lib
+from jaxes import guard as guard_lib
 from jaxes import progress as progress_lib
 from jaxes import train as train_lib
 from jaxes import workdir as workdir_lib
@@ -63,6 +66,12 @@ def _round_record(t, choice, result, tol, config, round_key, seconds) -> dict:
         "reason": tol.reason,
         "wall_seconds": seconds,
     }
+
+
+def _hparams(train_config) -> dict:
+    """The training hyper-parameters of a round, as recorded with its instance."""
+    names = ("learning_rate", "weight_decay", "batch_size", "max_epochs", "patience")
+    return {name: train_config[name] for name in names}
 
 
 def _resume(ckpt, workdir, is_primary):
@@ -105,7 +114,7 @@ def _finish(config, workdir, data, mesh, tol, stop_reason, records, wall_seconds
         test = evaluator.evaluate(state, data.test)
         summary["test_accuracy"], summary["test_loss"] = test["accuracy"], test["loss"]
         summary["test_metric"] = test[config.metric.removeprefix("val_")]
-        summary["best_arch"] = meta["arch"]
+        summary["best_arch"] = meta.arch
         if config.knn:
             summary["knn_top1"] = infer.knn_top1(
                 evaluator.embed(state, data.train.images),
@@ -114,10 +123,14 @@ def _finish(config, workdir, data, mesh, tol, stop_reason, records, wall_seconds
                 data.test.labels,
             )
     if jax.process_index() == 0:
-        workdir_lib.write_summary(workdir, summary)
         plot.plot_rounds(
-            records, Path(workdir) / "rounds.png", metric_name=config.metric, mode=config.mode
+            records,
+            Path(workdir) / files.PLOT,
+            metric_name=config.metric,
+            mode=config.mode,
+            stop_reason=stop_reason,
         )
+        workdir_lib.write_summary(workdir, summary)  # last: its presence means "finished"
     return summary
 
 
@@ -132,17 +145,45 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
 
     Returns:
       The summary dict, also written to ``workdir/summary.json``.
+
+    Raises:
+      guard.Interrupted: SIGINT or SIGTERM arrived; the workdir resumes like after a kill.
+      guard.DiskFull: the workdir's disk filled up; every committed round is kept.
+      workdir.WorkdirError: the workdir is a file, another config's, or in use by a live run.
     """
     check_config(config)
     is_primary = jax.process_index() == 0
-    data = data_lib.load(config.dataset, config.data_dir or None)
-    mesh = sharding.make_mesh()
-    check_batch_size(config, data, mesh)
+    out = stream or sys.stderr
+    with guard_lib.Guard(workdir) as run_guard:
+        if workdir_lib.check(workdir, config) and workdir_lib.read_summary(workdir) is not None:
+            # Finished: reading only, so a read-only (archived, shared) workdir still reports.
+            return _already_finished(workdir, out if is_primary else None, stream)
+        data = data_lib.load(config.dataset, config.data_dir or None)
+        mesh = sharding.make_mesh()
+        check_batch_size(config, data, mesh)
+        strategy = make_strategy(config)
+        if is_primary and (warning := progress_lib.space_warning(config, strategy)):
+            print(warning, file=out)
+        # One writer per workdir: the lock is held until the run ends or its process dies.
+        with workdir_lib.lock(workdir) if is_primary else contextlib.nullcontext():
+            return _run(config, workdir, data, mesh, strategy, run_guard, stream=stream, live=live)
+
+
+def _already_finished(workdir, out, stream) -> dict:
+    summary = workdir_lib.read_summary(workdir)
+    if out is not None:
+        print(progress_lib.finished_message(summary), file=out)
+        table = progress_lib.summary_table(summary, workdir_lib.read_rounds(workdir))
+        print(table, file=stream or sys.stdout)
+    return summary
+
+
+def _run(config, workdir, data, mesh, strategy, run_guard, *, stream, live) -> dict:
+    """The round loop of ``run``, once the workdir is this process's to write."""
+    is_primary = jax.process_index() == 0
     workdir_lib.claim(workdir, config, write=is_primary)
     root = keys.root(config.seed)
-    strategy = make_strategy(config)
-
-    ckpt = checkpoint.Checkpointer(Path(workdir) / "checkpoints", is_primary=is_primary)
+    ckpt = checkpoint.Checkpointer(Path(workdir) / files.CHECKPOINTS, is_primary=is_primary)
     state, records = _resume(ckpt, workdir, is_primary)
     if state is None:
         tol = make_tolerance(config, root)
@@ -156,13 +197,17 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
     start = time.monotonic()
     progress = progress_lib.Progress(stream=stream or sys.stderr, live=live, enabled=is_primary)
     progress.resume(records)
+    if is_primary:
+        print(progress_lib.start_message(tol, resumed=state is not None), file=stream or sys.stderr)
     # On resume, drop TensorBoard events past the committed round (a kill may have left them).
     writer = tboard.ScalarWriter(
-        Path(workdir) / "tensorboard", enabled=is_primary, purge_step=tol.round if state else None
+        Path(workdir) / files.TENSORBOARD,
+        enabled=is_primary,
+        purge_step=tol.round if state else None,
     )
     with progress, writer, ckpt:
         while not tol.stopped and stop_reason is None:
-            t = tol.round
+            t = run_guard.round_index = tol.round
             round_start = time.monotonic()
             round_key = keys.round_key(root, t)
             try:
@@ -172,7 +217,7 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
             except search.Exhausted:
                 stop_reason = "search_exhausted"
                 break
-            progress.start_round(t, tol.rounds)
+            progress.start_round(t, tol.rounds, patience=tol.patience)
             result = train_lib.to_convergence(
                 models.Arch.from_dict(choice),
                 data,
@@ -191,16 +236,17 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
             if is_primary:
                 workdir_lib.append_round(workdir, record)
             if tol.improved:
-                meta = {
-                    "round_index": t,
-                    "arch": choice,
-                    "input_spec": data.spec.to_dict(),
-                    "log_rate": result.log_rate,
-                    "metrics": result.metrics,
-                    "metric": config.metric,
-                    "dataset": config.dataset,
-                }
-                instance.save(ckpt, t, result.state, meta)
+                meta = instance.Meta(
+                    round_index=t,
+                    arch=choice,
+                    input_spec=data.spec.to_dict(),
+                    log_rate=result.log_rate,
+                    metrics=result.metrics,
+                    metric=config.metric,
+                    dataset=config.dataset,
+                    hparams=_hparams(config.train),
+                )
+                instance.save(ckpt, result.state, meta)
             records.append(record)
             writer.write_round(record)  # before the commit: a resume purges it, never loses it
             ckpt.save_state(
