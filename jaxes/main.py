@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import os
 import sys
 
 import jax
@@ -131,7 +132,11 @@ def main(argv: list[str]) -> None:
         rounds.run(_CONFIG.value, _WORKDIR.value)
     except guard.Interrupted as e:
         print(f"jaxes: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Leave without interpreter teardown: the signal may have landed inside JAX, whose
+        # threads can crash a normal shutdown. Every file is committed already (see guard.py).
+        os._exit(e.exit_code)
     except (*USER_ERRORS, guard.DiskFull) as e:
         fail(str(e))
     except OSError as e:  # an unwritable --workdir or data dir

@@ -192,6 +192,7 @@ def _run(config, workdir, data, mesh, strategy, run_guard, *, stream, live) -> d
         tol = stopping.State.from_dict(state["tolerance"])
         strategy_state, wall_before = state["strategy"], state["wall_seconds"]
     ckpt.keep_only(tol.best_round)  # exactly the committed best stays on disk
+    run_guard.round_index = tol.round
     stop_reason = None
 
     start = time.monotonic()
@@ -257,6 +258,7 @@ def _run(config, workdir, data, mesh, strategy, run_guard, *, stream, live) -> d
                     "wall_seconds": wall_before + time.monotonic() - start,
                 }
             )
+            run_guard.round_index = tol.round  # round t is committed: a stop now is in the next
             progress.end_round(record)
         stop_reason = stop_reason or tol.reason
         wall = wall_before + time.monotonic() - start

@@ -33,7 +33,7 @@ def mode_for(metric: str) -> str:
 
 
 def check_batch_size(
-    batch_size: int, examples: int, devices: int, field: str = "train.batch_size"
+    batch_size: int, examples: int, devices: int, field: str = "train.batch_size", data: str = ""
 ) -> None:
     """Raises FieldError unless ``batch_size`` fits ``examples`` and splits over ``devices``.
 
@@ -42,10 +42,13 @@ def check_batch_size(
       examples: the number of training examples.
       devices: the number of devices the batch is sharded over.
       field: the config field the batch size came from, named in the error.
+      data: the data set's name, for the message.
     """
     if batch_size > examples:
         raise FieldError(
-            field, f"must be at most the {examples} training examples, got {batch_size}."
+            field,
+            f"must be at most the {examples} training examples{f' of {data}' if data else ''}, "
+            f"got {batch_size}.",
         )
     if batch_size % devices:
         fix = max(1, batch_size // devices) * devices

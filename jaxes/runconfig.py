@@ -123,6 +123,8 @@ def check_config(config) -> None:
 def check_batch_size(config, data, mesh) -> None:
     """Raises ConfigError unless ``train.batch_size`` fits the data and splits over the mesh."""
     try:
-        rules.check_batch_size(config.train.batch_size, len(data.train.labels), mesh.size)
+        rules.check_batch_size(
+            config.train.batch_size, len(data.train.labels), mesh.size, data=config.dataset
+        )
     except rules.FieldError as e:
-        raise _field_error(e.field, f"{e.problem} ({config.dataset})") from None
+        raise _field_error(e.field, e.problem) from None
