@@ -241,8 +241,8 @@ class Checkpointer:
         steps = self._steps_on_disk()
         if not steps:
             raise CheckpointError(
-                f"no finished best instance in {self.directory}: run "
-                "`python -m jaxes.main --config=... --workdir=...` until it saves one first."
+                f"no finished best instance in {self.directory}: run `.venv/bin/python -m "
+                "jaxes.main --config=... --workdir=...` until it saves one first."
             )
         step = steps[-1] if round_index is None else round_index
         if step not in steps:

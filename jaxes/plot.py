@@ -100,13 +100,10 @@ def plot_rounds(
                 ls="-.")  # fmt: skip
         ax_streak.plot([i for i, _ in grown], [0] * len(grown), "^", color="gray", ms=7,
                        clip_on=False, label="budget extended")  # fmt: skip
-    stops = [(i, r.get("reason")) for i, r in rows if r.get("stopped")]
-    if not stops and stop_reason is not None:
-        # Stopped between rounds (e.g. search_exhausted): after the last round that ran.
-        stops = [(max(indices, default=-1) + 0.5, stop_reason)]
-    reason = stops[-1][1] if stops else None
-    if stops:
-        _vlines(axes, stops[-1][0], f"stop: {reason}", color="red", alpha=0.6)
+    stop = stop_marker(records, stop_reason)
+    reason = stop[1] if stop else None
+    if stop:
+        _vlines(axes, stop[0], f"stop: {reason}", color="red", alpha=0.6)
     ax_metric.set_xlim(-0.6, max([*indices, *(b for _, b in budgets)], default=1) - 0.4)
     ax_metric.set_ylabel(f"{metric_name} ({'higher' if mode == 'max' else 'lower'} is better)")
     ax_streak.set_ylabel("rounds")
@@ -126,6 +123,22 @@ def plot_rounds(
         f"budget {final.get('rounds_budget', '-')}, stop: {reason or '-'}"
     )
     _save_atomically(fig, os.fspath(path))
+
+
+def stop_marker(records: Sequence[dict], stop_reason: str | None = None):
+    """Where the plot draws the stop and its reason: ``(x, reason)``, or None while running.
+
+    A round that stopped the run carries its reason; a run that stopped between rounds
+    (``search_exhausted``: no architecture was left to propose) is marked just after its last
+    round, with ``stop_reason``.
+    """
+    for index, record in reversed(list(enumerate(records))):
+        if record.get("stopped"):
+            return record.get("round_index", index), record.get("reason")
+    if stop_reason is None:
+        return None
+    last = records[-1].get("round_index", len(records) - 1) if records else -1
+    return last + 0.5, stop_reason
 
 
 def _is_ok(record: Mapping) -> bool:

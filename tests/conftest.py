@@ -61,7 +61,7 @@ def smoke_run(tmp_path_factory, digits_data_dir) -> Path:
 
 
 def _round_records(metrics, *, patience=3, budget=6):
-    """Round records for a max-mode run, following DESIGN.md §3 (ties reset, budget extension).
+    """Round records for a max-mode run, following docs/design.md §3 (ties reset, budget extension).
 
     A None metric is a failed round: it counts as below the best.
     """
