@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -83,8 +84,19 @@ RUN_COLUMNS = ("run", "status", "metric", "best", "best_round", "test", "rounds"
                "stop", "seconds")  # fmt: skip
 
 
+def best_round(run: Run) -> int | None:
+    """The run's best round: the finished summary's, else the newest committed record's."""
+    if run.summary is not None:
+        return run.summary.get("best_round")
+    return run.last.get("best_round")
+
+
 def round_rows(run: Run) -> list[dict]:
-    """One row per committed round: architecture, hyper-parameters, outcome and time."""
+    """One row per committed round: architecture, hyper-parameters, outcome and time.
+
+    ``best`` marks the run's best instance (so far, for a run that has not finished).
+    """
+    best = best_round(run)
     return [
         {
             "round": r.get("round_index"),
@@ -94,7 +106,7 @@ def round_rows(run: Run) -> list[dict]:
             "weight_decay": _hparam(run, r, "weight_decay"),
             "epochs": r.get("epochs"),
             "metric": r.get("metric"),
-            "best": r.get("round_index") == r.get("best_round"),
+            "best": r.get("round_index") == best,
             "streak": r.get("streak"),
             "patience": r.get("patience"),
             "budget": r.get("rounds_budget"),
@@ -116,7 +128,7 @@ def run_row(run: Run) -> dict:
         "status": run.status,
         "metric": run.config.get("metric"),
         "best": summary.get("best_metric", last.get("best")),
-        "best_round": summary.get("best_round", last.get("best_round")),
+        "best_round": best_round(run),
         "test": summary.get("test_metric"),
         "rounds": len(run.records),
         "budget": summary.get("rounds_budget", last.get("rounds_budget")),
@@ -125,17 +137,20 @@ def run_row(run: Run) -> dict:
     }
 
 
-def _cell(value: Any) -> str:
+_FORMATS = {"dropout": ".3f", "learning_rate": ".3g", "weight_decay": ".3g", "seconds": ".1f"}
+
+
+def _cell(value: Any, spec: str = ".4f") -> str:
     if isinstance(value, bool):
         return "*" if value else ""
     if isinstance(value, float):
-        return progress.fmt(value, ".4g" if abs(value) < 1e-3 and value else ".4f")
+        return progress.fmt(value, spec)
     return "-" if value is None else str(value)
 
 
 def format_table(rows: list[dict], columns: tuple[str, ...]) -> str:
     """A plain-text table, columns as wide as their widest cell."""
-    cells = [[_cell(row[name]) for name in columns] for row in rows]
+    cells = [[_cell(row[name], _FORMATS.get(name, ".4f")) for name in columns] for row in rows]
     widths = [max([len(name), *(len(c[i]) for c in cells)]) for i, name in enumerate(columns)]
     lines = ["  ".join(name.ljust(w) for name, w in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
@@ -193,12 +208,16 @@ def main(argv: list[str] | None = None) -> int:
         rows, columns = round_rows(runs[0]), ROUND_COLUMNS
     else:
         rows, columns = [run_row(run) for run in runs], RUN_COLUMNS
-    if args.csv:
-        write_csv(rows, columns, sys.stdout)
-    else:
-        if len(runs) == 1:
-            print(headline(runs[0]))
-        print(format_table(rows, columns))
+    try:
+        if args.csv:
+            write_csv(rows, columns, sys.stdout)
+        else:
+            if len(runs) == 1:
+                print(headline(runs[0]))
+            print(format_table(rows, columns))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
