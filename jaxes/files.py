@@ -59,7 +59,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.close(dir_fd)
     except OSError as error:
         tmp.unlink(missing_ok=True)
-        raise OSError(error.errno, error.strerror, os.fspath(path)) from error
+        raise OSError(error.errno, error.strerror or str(error), os.fspath(path)) from error
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -189,7 +189,7 @@ def append_round(workdir, record: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as error:
-        raise OSError(error.errno, error.strerror, os.fspath(path)) from error
+        raise OSError(error.errno, error.strerror or str(error), os.fspath(path)) from error
 
 
 def _line(record: dict) -> str:
