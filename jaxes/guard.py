@@ -9,12 +9,14 @@ full disk caused, however Orbax or TensorStore wrapped it, becomes ``DiskFull``.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 
-from jaxes.files import is_disk_full
+from jaxes.files import CHECKPOINTS, RESUME_STATE, is_disk_full
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -45,7 +47,8 @@ class DiskFull(OSError):
 class Guard:
     """Turns SIGINT/SIGTERM into ``Interrupted`` and a full disk into ``DiskFull``.
 
-    Set ``round_index`` as the loop advances: the messages name it. Signal handlers are only
+    Set ``round_index`` as the loop advances: a full disk names it; an interruption names the
+    first round that is not committed (what a rerun starts with). Signal handlers are only
     installed from the main thread (Python allows no other); elsewhere signals are left alone.
     """
 
@@ -55,11 +58,20 @@ class Guard:
         self._previous: dict[int, object] = {}
         self._fired = False
 
+    def _next_round(self) -> int:
+        """The first round not committed: what a rerun starts with (read from the disk, so it
+        is exact even when the signal lands inside a commit)."""
+        path = Path(self.workdir) / CHECKPOINTS / RESUME_STATE
+        try:
+            return int(json.loads(path.read_text())["next_round"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return self.round_index
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self._fired:  # a second Ctrl-C while the first unwinds: leave now
             os._exit(128 + signum)
         self._fired = True
-        raise Interrupted(signum, self.round_index)
+        raise Interrupted(signum, self._next_round())
 
     def __enter__(self) -> Guard:
         if threading.current_thread() is threading.main_thread():
