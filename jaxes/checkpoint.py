@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,75 +38,16 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import multihost
 
-_STATE_FILE = "resume_state.json"
+from jaxes import pytree
+from jaxes.files import RESUME_STATE, atomic_write_text
+
+_STATE_FILE = RESUME_STATE
 # Orbax's marker for an unfinalized step directory (atomicity_types.TMP_DIR_SUFFIX).
 _TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that the caller needs is missing or unreadable."""
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Replaces the file at ``path`` with ``text`` so that readers see old or new, never a mix.
-
-    Args:
-      path: The file to write; its directory must exist.
-      text: The new content, written as UTF-8.
-    """
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as tmp_file:
-            tmp_file.write(text)
-            tmp_file.flush()
-            os.fsync(tmp_file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    # The rename itself is durable only once the directory entry is flushed.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _tree_structure(node: Any) -> Any:
-    """JSON description of a pytree's containers, so int keys and tuples survive a restore."""
-    if isinstance(node, dict):
-        for key in node:
-            if not isinstance(key, str | int) or isinstance(key, bool):
-                raise ValueError(
-                    f"params has a dict key {key!r} of type {type(key).__name__}; use str or int "
-                    "keys (nnx.to_pure_dict gives these)."
-                )
-        return {"dict": [[key, _tree_structure(child)] for key, child in node.items()]}
-    if isinstance(node, list | tuple):
-        kind = "list" if isinstance(node, list) else "tuple"
-        return {kind: [_tree_structure(child) for child in node]}
-    if hasattr(node, "shape") and hasattr(node, "dtype"):
-        return "array"
-    raise ValueError(
-        f"params has a leaf of type {type(node).__name__}; pass nested dicts, lists and tuples "
-        "of arrays, e.g. nnx.to_pure_dict(state)."
-    )
-
-
-def _abstract_from(structure: Any, metadata: Any, sharding: jax.sharding.Sharding) -> Any:
-    """Rebuilds the saved containers with ShapeDtypeStruct leaves placed on ``sharding``."""
-    if structure == "array":
-        return jax.ShapeDtypeStruct(metadata.shape, metadata.dtype, sharding=sharding)
-    if "dict" in structure:
-        # Orbax stores every dict key as a string.
-        return {
-            key: _abstract_from(child, metadata[str(key)], sharding)
-            for key, child in structure["dict"]
-        }
-    kind, children = next(iter(structure.items()))
-    rebuilt = [_abstract_from(child, metadata[i], sharding) for i, child in enumerate(children)]
-    return rebuilt if kind == "list" else tuple(rebuilt)
 
 
 class Checkpointer:
@@ -227,7 +167,7 @@ class Checkpointer:
             from flax import nnx  # only reached when the caller already uses Flax
 
             params = nnx.to_pure_dict(params)
-        structure = _tree_structure(params)
+        structure = pytree.structure(params)
         try:
             json.dumps(meta)
         except (TypeError, ValueError) as error:
@@ -301,8 +241,8 @@ class Checkpointer:
         steps = self._steps_on_disk()
         if not steps:
             raise CheckpointError(
-                f"no finished best instance in {self.directory}: run "
-                "`python -m jaxes.main --config=... --workdir=...` until it saves one first."
+                f"no finished best instance in {self.directory}: run `.venv/bin/python -m "
+                "jaxes.main --config=... --workdir=...` until it saves one first."
             )
         step = steps[-1] if round_index is None else round_index
         if step not in steps:
@@ -316,7 +256,11 @@ class Checkpointer:
             metadata = manager.item_metadata(step)["params"]
             metadata = getattr(metadata, "tree", metadata)
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            abstract_params = _abstract_from(header["tree"], metadata, device)
+            abstract_params = pytree.rebuild(
+                header["tree"],
+                metadata,
+                lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+            )
         else:
             for leaf in jax.tree.leaves(abstract_params):
                 if getattr(leaf, "sharding", None) is None:

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxes import checkpoint, cli, infer, instance, sharding
+from jaxes import checkpoint, cli, files, infer, instance, sharding
 from jaxes import data as data_lib
 from jaxes import images as images_lib
 from jaxes import workdir as workdir_lib
@@ -81,7 +81,7 @@ def _write_outputs(out: Path, embeddings: np.ndarray, record: dict) -> Path:
     tmp.write_bytes(buffer.getvalue())
     # The rows' record first, the array last: a new .npy always has its .json beside it.
     record_path = out.with_suffix(".json")
-    checkpoint.atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
+    files.atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
     os.replace(tmp, out)
     return record_path
 
@@ -140,8 +140,8 @@ def embed(
             raise EmbedError(f"--split={split} is not a split; use one of {data_lib.SPLITS}.")
         config = workdir_lib.read_config(workdir)
     model, meta = instance.load(workdir)
-    spec = data_lib.InputSpec.from_dict(meta["input_spec"])
-    record = {"workdir": str(workdir), "round_index": meta["round_index"], "arch": meta["arch"]}
+    spec = meta.spec
+    record = {"workdir": str(workdir), "round_index": meta.round_index, "arch": meta.arch}
     if images is not None:
         batch, kept, skipped = images_lib.read_all(paths, spec, skip_bad=skip_bad)
         if not kept:

@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import jaxes
-from jaxes import checkpoint, cli, instance, models
+from jaxes import checkpoint, cli, instance, models, pytree
 from jaxes import data as data_lib
 from jaxes import workdir as workdir_lib
 from jaxes.serving import FORMAT, MANIFEST_FILE, MODEL_FILE  # the loader's names, one source
@@ -42,20 +42,6 @@ PLATFORMS = ("cpu", "cuda")
 
 class ExportError(ValueError):
     """The export cannot be written where it was asked to go."""
-
-
-def _string_keys(tree):
-    # nnx.List indexes its children by int; jax.export serializes and Orbax stores str keys.
-    if isinstance(tree, dict):
-        return {str(key): _string_keys(value) for key, value in tree.items()}
-    return tree
-
-
-def _original_keys(tree, like):
-    """Undoes ``_string_keys`` using ``like``, a tree with the original keys."""
-    if isinstance(like, dict):
-        return {key: _original_keys(tree[str(key)], value) for key, value in like.items()}
-    return tree
 
 
 def tree_layout(params) -> dict:
@@ -78,12 +64,13 @@ def export_model(model, spec: data_lib.InputSpec, platforms=PLATFORMS):
       keys) that it takes as its first argument.
     """
     graphdef, state = nnx.split(model)
-    original = state.to_pure_dict()
-    params = _string_keys(original)
+    original = nnx.to_pure_dict(state)
+    shape = pytree.structure(original)
+    params = pytree.with_str_keys(original)
 
     def embed_fn(params, images):
         filled = jax.tree.map(lambda leaf: leaf, state)  # a fresh State for this trace to fill
-        filled.replace_by_pure_dict(_original_keys(params, original))
+        nnx.replace_by_pure_dict(filled, pytree.rebuild(shape, params))
         return nnx.merge(graphdef, filled).embed(data_lib.normalize(images, spec))
 
     height, width, channels = spec.shape
@@ -95,9 +82,9 @@ def export_model(model, spec: data_lib.InputSpec, platforms=PLATFORMS):
     return exported, params
 
 
-def manifest(workdir, meta: dict, exported, params) -> dict:
+def manifest(workdir, meta: instance.Meta, exported, params) -> dict:
     """The manifest.json content of an export (see the module doc)."""
-    spec = data_lib.InputSpec.from_dict(meta["input_spec"])
+    spec = meta.spec
     summary = workdir_lib.read_summary(workdir) or {}
     target = {1: "L (8-bit gray)", 3: "RGB"}.get(spec.channels, f"{spec.channels} channels")
     return {
@@ -118,13 +105,13 @@ def manifest(workdir, meta: dict, exported, params) -> dict:
         },
         "input_spec": spec.to_dict(),
         "metric": {
-            "name": meta["metric"],
-            "value": meta["metrics"].get(meta["metric"]),
-            "round_index": meta["round_index"],
+            "name": meta.metric,
+            "value": meta.value,
+            "round_index": meta.round_index,
         },
         "test": {key: summary[key] for key in ("test_accuracy", "knn_top1") if key in summary},
-        "arch": meta["arch"],
-        "dataset": meta["dataset"],
+        "arch": meta.arch,
+        "dataset": meta.dataset,
         "params": {
             "path": PARAMS_DIR,
             "format": "orbax StandardCheckpointer",
@@ -158,8 +145,7 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike) -> dict:
     out = Path(out).expanduser().absolute()
     _check_out(out)
     model, meta = instance.load(workdir)
-    spec = data_lib.InputSpec.from_dict(meta["input_spec"])
-    exported, params = export_model(model, spec)
+    exported, params = export_model(model, meta.spec)
     content = manifest(workdir, meta, exported, params)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")

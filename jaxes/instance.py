@@ -1,38 +1,89 @@
 """The best instance as a deployable unit: parameters + everything needed to rebuild it.
 
 Saved by the rounds loop through ``checkpoint.Checkpointer``; loaded by ``embed``, ``export``
-and the end of a run. Loading needs only the workdir: the ``Arch``, input spec and log-rate are
-in the checkpoint's metadata, so the model is rebuilt without the run's config.
+and the end of a run. Loading needs only the workdir: ``Meta`` (the checkpoint's metadata)
+holds the ``Arch``, input spec and log-rate, so the model is rebuilt without the run's config.
+``Meta`` is the one definition of that record: it is written here and read through it by
+``rounds``, ``embed``, ``export`` and ``report``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from pathlib import Path
+from typing import Any
 
 import jax
 from flax import nnx
 
-from jaxes import checkpoint, data, models
+from jaxes import checkpoint, data, files, models
 
 
-def save(ckpt: checkpoint.Checkpointer, round_index: int, state: nnx.State, meta: dict) -> None:
-    """Saves an instance's state (params + log-rate) with its metadata (arch, spec, ...)."""
-    ckpt.save_best(round_index, nnx.to_pure_dict(state), meta)
+@dataclasses.dataclass(frozen=True)
+class Meta:
+    """What a saved instance is: its round, architecture, hyper-parameters, input and score.
+
+    Attributes:
+      round_index: the round that trained it (0-based).
+      arch: the ``models.Arch`` as a dict.
+      input_spec: the ``data.InputSpec`` as a dict (image shape, scale, classes).
+      log_rate: the dropout log-rate; the drop probability is ``exp(log_rate)`` (claim 2).
+      metrics: its validation metrics (``val_accuracy``, ``val_loss``, ...).
+      metric: the name of the monitored metric.
+      dataset: the data set it was trained on.
+      hparams: the training hyper-parameters of its round (learning rate, weight decay, batch
+        size, ...); empty for instances saved before they were recorded.
+    """
+
+    round_index: int
+    arch: dict
+    input_spec: dict
+    log_rate: float
+    metrics: dict
+    metric: str
+    dataset: str
+    hparams: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def dropout_rate(self) -> float:
+        return math.exp(self.log_rate)
+
+    @property
+    def value(self) -> float | None:
+        """The monitored metric's value."""
+        return self.metrics.get(self.metric)
+
+    @property
+    def spec(self) -> data.InputSpec:
+        return data.InputSpec.from_dict(self.input_spec)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-safe dict (with ``dropout_rate`` for readers that do not import jaxes)."""
+        return {**dataclasses.asdict(self), "dropout_rate": self.dropout_rate}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> Meta:
+        """The inverse of ``to_json``; derived and unknown keys are ignored."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in record.items() if key in names})
 
 
-def abstract_model(meta: dict) -> models.Model:
+def save(ckpt: checkpoint.Checkpointer, state: nnx.State, meta: Meta) -> None:
+    """Saves an instance's state (params + log-rate) with its metadata."""
+    ckpt.save_best(meta.round_index, nnx.to_pure_dict(state), meta.to_json())
+
+
+def abstract_model(meta: Meta) -> models.Model:
     """An unallocated model of the recorded arch and input spec."""
-    spec = data.InputSpec.from_dict(meta["input_spec"])
-    arch = models.Arch.from_dict(meta["arch"])
+    spec, arch = meta.spec, models.Arch.from_dict(meta.arch)
     return nnx.eval_shape(
-        lambda: models.build(
-            arch, spec.shape, spec.num_classes, jax.random.key(0), meta["log_rate"]
-        )
+        lambda: models.build(arch, spec.shape, spec.num_classes, jax.random.key(0), meta.log_rate)
     )
 
 
-def load(workdir: str | os.PathLike, round_index: int | None = None) -> tuple[models.Model, dict]:
+def load(workdir: str | os.PathLike, round_index: int | None = None) -> tuple[models.Model, Meta]:
     """Restores the best instance of a run onto the devices present now.
 
     Args:
@@ -40,21 +91,21 @@ def load(workdir: str | os.PathLike, round_index: int | None = None) -> tuple[mo
       round_index: the best round to restore (default: the newest saved).
 
     Returns:
-      (model, meta): the model with its trained parameters; ``meta`` holds ``arch``,
-      ``input_spec``, ``log_rate``, ``metrics``, ``round_index``, ``metric`` and ``dataset``.
+      (model, meta): the model with its trained parameters, and its ``Meta``.
 
     Raises:
       checkpoint.CheckpointError: the workdir has no finished best instance.
     """
-    directory = Path(workdir) / "checkpoints"
+    directory = Path(workdir) / files.CHECKPOINTS
     if not directory.is_dir():
         raise checkpoint.CheckpointError(
             f"{workdir} has no finished best instance (no {directory}); run "
-            f"`python -m jaxes.main --config=... --workdir={workdir}` to completion first."
+            f"`.venv/bin/python -m jaxes.main --config=... --workdir={workdir}` to completion "
+            "first."
         )
     with checkpoint.Checkpointer(directory, is_primary=False) as ckpt:
-        pure, meta = ckpt.restore_best(round_index=round_index)
-    model = abstract_model(meta)
-    graphdef, state = nnx.split(model)
+        pure, record = ckpt.restore_best(round_index=round_index)
+    meta = Meta.from_json(record)
+    graphdef, state = nnx.split(abstract_model(meta))
     nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, pure))
     return nnx.merge(graphdef, state), meta

@@ -1,4 +1,4 @@
-"""The PRNG tree of a run (DESIGN.md §4).
+"""The PRNG tree of a run (docs/design.md §4).
 
 One root, ``jax.random.key(seed)``. Every stream is a ``fold_in`` of its parent with a named
 constant, never a product of call order, so a resumed run replays exactly the keys of an

@@ -5,7 +5,8 @@ Overrides: ``--config.rounds=20``, ``--config.search.strategy=random``. Variants
 --process_id=I`` on each process, or ``--distributed`` to let ``jax.distributed.initialize``
 read the cluster launcher's environment (SLURM, TPU pods, ...).
 
-Exit codes: 0 done, 2 bad command line / config / workdir / data (one sentence on stderr).
+Exit codes: 0 done (or already finished), 2 bad command line / config / workdir / data, or a
+full disk (one sentence on stderr), 130 after Ctrl-C and 143 after SIGTERM (rerun to resume).
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from __future__ import annotations
 import ast
 import contextlib
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxes import checkpoint, cli, data, rounds, runconfig, search, workdir
+from jaxes import checkpoint, cli, confighelp, data, guard, rounds, runconfig, search, workdir
 from jaxes.cli import fail
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -55,14 +57,30 @@ def _one_line(text: str) -> str:
     return " ".join(lines).rstrip(".") + "."
 
 
+HELP_FLAGS = ("-h", "-help", "--help", "--helpshort", "-?")
+
+
+def _help(argv: list[str]) -> str:
+    ours = [_CONFIG, _WORKDIR, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _DISTRIBUTED]
+    lines = [f"  --{flag.name}: {flags.FLAGS[flag.name].help}" for flag in ours]
+    return confighelp.help_text(__doc__, lines, argv)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, but a bad flag or config override exits 2 with one sentence."""
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        print(_help(argv[1:]))
+        sys.exit(0)
     try:
         rest = flags.FLAGS(argv)
     except flags.Error as e:
         fail(_one_line(e))
     except (ValueError, KeyError, AttributeError, TypeError) as e:
         # ml_collections raises these for a bad --config file or override.
+        spec = confighelp.config_spec(argv[1:])
+        config = confighelp.load(spec) if spec else None
+        if config is not None and (message := confighelp.unknown_field(config, argv[1:])):
+            fail(message)
         text = str(e)
         with contextlib.suppress(ValueError, SyntaxError):
             text = str(ast.literal_eval(text))  # a KeyError's message arrives quoted
@@ -129,9 +147,16 @@ def main(argv: list[str]) -> None:
     enable_compile_cache()
     try:
         rounds.run(_CONFIG.value, _WORKDIR.value)
-    except USER_ERRORS as e:
+    except guard.Interrupted as e:
+        print(f"jaxes: {e}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Leave without interpreter teardown: the signal may have landed inside JAX, whose
+        # threads can crash a normal shutdown. Every file is committed already (see guard.py).
+        os._exit(e.exit_code)
+    except (*USER_ERRORS, guard.DiskFull) as e:
         fail(str(e))
-    except OSError as e:  # an unwritable --workdir or data dir, a full disk
+    except OSError as e:  # an unwritable --workdir or data dir
         fail(cli.describe_os_error(e))
 
 

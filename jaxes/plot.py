@@ -7,12 +7,14 @@ never plots never pays for it. Round indices are 0-based, as in ``rounds.jsonl``
 
 from __future__ import annotations
 
+import io
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from jaxes.files import atomic_write_bytes
 
 # _finite and _fmt also live in jaxes.progress: the two modules sit side by side and neither
 # imports the other, so a few lines are repeated rather than a helper module made for them.
@@ -32,6 +34,7 @@ def plot_rounds(
     *,
     metric_name: str,
     mode: str,
+    stop_reason: str | None = None,
     figsize: tuple[float, float] = (9.0, 6.0),
     dpi: int = 100,
 ) -> None:
@@ -47,6 +50,8 @@ def plot_rounds(
       path: the PNG file to write.
       metric_name: the monitored metric's name, for the axis label and title.
       mode: ``"max"`` or ``"min"``, the direction in which the metric improves.
+      stop_reason: why the run ended, when it did; needed for the reasons no round record
+        carries (``search_exhausted``: the search ran out before a round could start).
       figsize: the figure size in inches.
       dpi: dots per inch; the image is ``figsize * dpi`` pixels.
     """
@@ -95,9 +100,10 @@ def plot_rounds(
                 ls="-.")  # fmt: skip
         ax_streak.plot([i for i, _ in grown], [0] * len(grown), "^", color="gray", ms=7,
                        clip_on=False, label="budget extended")  # fmt: skip
-    stops = [(i, r.get("reason")) for i, r in rows if r.get("stopped")]
-    if stops:
-        _vlines(axes, stops[-1][0], f"stop: {stops[-1][1]}", color="red", alpha=0.6)
+    stop = stop_marker(records, stop_reason)
+    reason = stop[1] if stop else None
+    if stop:
+        _vlines(axes, stop[0], f"stop: {reason}", color="red", alpha=0.6)
     ax_metric.set_xlim(-0.6, max([*indices, *(b for _, b in budgets)], default=1) - 0.4)
     ax_metric.set_ylabel(f"{metric_name} ({'higher' if mode == 'max' else 'lower'} is better)")
     ax_streak.set_ylabel("rounds")
@@ -111,11 +117,28 @@ def plot_rounds(
     if not records:
         ax_metric.text(0.5, 0.5, "no rounds yet", transform=ax_metric.transAxes, ha="center")
     fig.suptitle(
-        f"{len(records)} rounds, best {metric_name} {_fmt(final.get('best'))} at round "
-        f"{final.get('best_round', '-')}, patience {final.get('patience', '-')}, "
-        f"budget {final.get('rounds_budget', '-')}, stop: {final.get('reason') or '-'}"
+        f"{len(records)} round{'' if len(records) == 1 else 's'}, best {metric_name} "
+        f"{_fmt(final.get('best'))} at round {final.get('best_round', '-')}, "
+        f"patience {final.get('patience', '-')}, "
+        f"budget {final.get('rounds_budget', '-')}, stop: {reason or '-'}"
     )
     _save_atomically(fig, os.fspath(path))
+
+
+def stop_marker(records: Sequence[dict], stop_reason: str | None = None):
+    """Where the plot draws the stop and its reason: ``(x, reason)``, or None while running.
+
+    A round that stopped the run carries its reason; a run that stopped between rounds
+    (``search_exhausted``: no architecture was left to propose) is marked just after its last
+    round, with ``stop_reason``.
+    """
+    for index, record in reversed(list(enumerate(records))):
+        if record.get("stopped"):
+            return record.get("round_index", index), record.get("reason")
+    if stop_reason is None:
+        return None
+    last = records[-1].get("round_index", len(records) - 1) if records else -1
+    return last + 0.5, stop_reason
 
 
 def _is_ok(record: Mapping) -> bool:
@@ -129,12 +152,7 @@ def _vlines(axes: Sequence[Any], x: float, label: str, **style: Any) -> None:
 
 
 def _save_atomically(fig: Any, path: str) -> None:
-    # A reader (or a killed run) must never see half a PNG: write beside it, then rename.
-    handle, tmp_path = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".png.tmp")
-    try:
-        with os.fdopen(handle, "wb") as tmp_file:
-            fig.savefig(tmp_file, format="png")
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
+    # A reader (or a killed run) must never see half a PNG: the one atomic writer of jaxes.
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())

@@ -22,8 +22,44 @@ def _finite(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _fmt(value: Any, spec: str = ".4f") -> str:
+def fmt(value: Any, spec: str = ".4f") -> str:
     return format(value, spec) if _finite(value) else "-"
+
+
+def plural(count: int, word: str) -> str:
+    """``1 round``, ``2 rounds``, ``0 epochs``."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def _patience_text(patience: Any, r: Any) -> str:
+    """``7 (r = -0.3260)`` for a drawn patience, ``5 (fixed patience)`` for a fixed one."""
+    return f"{patience} ({'fixed patience' if r is None else f'r = {fmt(r)}'})"
+
+
+def start_message(tol: Any, *, resumed: bool) -> str:
+    """What a run does as it starts, from its tolerance state (a ``stopping.State``)."""
+    patience = _patience_text(tol.patience, tol.r)
+    if resumed and tol.stopped:
+        return f"all rounds done (stop: {tol.reason}); finishing the run"
+    if resumed:
+        return f"resuming at round {tol.round} of {tol.rounds}, patience {patience}"
+    return f"starting round 0 of {tol.rounds}, patience {patience}"
+
+
+def finished_message(summary: Mapping[str, Any]) -> str:
+    return f"run already finished (stop: {summary.get('stop_reason')}); nothing to do"
+
+
+def space_warning(config: Any, strategy: Any) -> str | None:
+    """A warning when ``config.rounds`` asks for more rounds than the search space holds."""
+    if strategy.name == "fixed" or config.rounds <= strategy.size:
+        return None
+    space = plural(strategy.size, "architecture")
+    if strategy.name == "random":
+        then = f"the run stops (search_exhausted) after at most {plural(strategy.size, 'round')}"
+    else:
+        then = "later rounds train architectures already tried, with new initializations"
+    return f"warning: config.rounds={config.rounds} exceeds the {space} of the search space; {then}"
 
 
 def _duration(seconds: float) -> str:
@@ -80,9 +116,11 @@ class Progress:
         for record in records:
             self._absorb(record, record.get("wall_seconds"))
 
-    def start_round(self, round_index: int, budget: int) -> None:
+    def start_round(self, round_index: int, budget: int, patience: int | None = None) -> None:
         """Marks the start of a round; ``budget`` is the current round budget."""
         self._round_index, self._budget = round_index, budget
+        if patience is not None:
+            self._patience = patience
         self._epoch = self._val_loss = None
         self._round_start = self._clock()
         self._draw()
@@ -133,7 +171,7 @@ class Progress:
         return _duration(current + mean * max(0, self._budget - self._round_index - 1))
 
     def _status_line(self, now: float) -> str:
-        best = f"{_fmt(self._best)} (r{self._best_round})" if _finite(self._best) else "-"
+        best = f"{fmt(self._best)} (r{self._best_round})" if _finite(self._best) else "-"
         parts = [
             f"round {self._round_index} [{self._round_index + 1}/{self._budget}]",
             f"best {best}",
@@ -148,15 +186,15 @@ class Progress:
     def _round_line(self, record: Mapping[str, Any]) -> str:
         index = record.get("round_index")
         if record.get("status", "ok") == "ok":
-            outcome = f"metric {_fmt(record.get('metric'))}"
+            outcome = f"metric {fmt(record.get('metric'))}"
         else:
             outcome = f"FAILED ({record.get('message') or 'no message'})"
         best_at = f" at round {self._best_round}" if _finite(self._best) else ""
         line = (
             f"round {index} [{index + 1}/{self._budget}]: {outcome} "
-            f"(best {_fmt(self._best)}{best_at}), "
-            f"streak {self._streak}/{self._patience}, {record.get('epochs', '-')} epochs, "
-            f"{_fmt(record.get('wall_seconds'), '.1f')}s"
+            f"(best {fmt(self._best)}{best_at}), "
+            f"streak {self._streak}/{self._patience}, {_epochs(record.get('epochs'))}, "
+            f"{fmt(record.get('wall_seconds'), '.1f')}s"
         )
         if record.get("stopped"):
             line += f"; stopped: {record.get('reason')}"
@@ -198,9 +236,9 @@ def summary_table(summary: Mapping[str, Any], records: Sequence[dict]) -> str:
         if status != "ok" and record.get("message"):
             status = f"{status}: {record['message']}"
         row = (
-            f"{index!s:>5}  {_arch_short(record.get('arch')):<28.28}  "
-            f"{_fmt(record.get('dropout_rate'), '.3f'):>7}  {record.get('epochs', '-')!s:>6}  "
-            f"{_fmt(record.get('metric')):>8}  {marker:^4}  {status}"
+            f"{index!s:>5}  {arch_short(record.get('arch')):<28.28}  "
+            f"{fmt(record.get('dropout_rate'), '.3f'):>7}  {record.get('epochs', '-')!s:>6}  "
+            f"{fmt(record.get('metric')):>8}  {marker:^4}  {status}"
         )
         lines.append(row if len(row) <= 100 else row[:97] + "...")
     lines.append("(* best instance, + new best when run)")
@@ -210,17 +248,17 @@ def summary_table(summary: Mapping[str, Any], records: Sequence[dict]) -> str:
         (
             "best round",
             f"{best_round} ({summary.get('metric', 'metric')} "
-            f"{_fmt(summary.get('best_metric'))}, mode {summary.get('mode', '-')})",
+            f"{fmt(summary.get('best_metric'))}, mode {summary.get('mode', '-')})",
         ),
-        ("test metric", _fmt(summary.get("test_metric"))),
+        ("test metric", fmt(summary.get("test_metric"))),
     ]
     if "knn_top1" in summary:
-        items.append(("knn top-1", _fmt(summary["knn_top1"])))
+        items.append(("knn top-1", fmt(summary["knn_top1"])))
     items += [
         ("rounds", budget),
-        ("patience", f"{summary.get('patience', '-')} (r = {_fmt(summary.get('r'))})"),
+        ("patience", _patience_text(summary.get("patience", "-"), summary.get("r"))),
         ("stop reason", str(summary.get("stop_reason") or "-")),
-        ("best arch", _arch_short(summary.get("best_arch"))),
+        ("best arch", arch_short(summary.get("best_arch"))),
         ("wall time", f"{wall:.1f} s ({_duration(wall)})" if _finite(wall) else "-"),
     ]
     lines.append("")
@@ -228,7 +266,11 @@ def summary_table(summary: Mapping[str, Any], records: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def _arch_short(arch: Any) -> str:
+def _epochs(epochs: Any) -> str:
+    return plural(epochs, "epoch") if isinstance(epochs, int) else "- epochs"
+
+
+def arch_short(arch: Any) -> str:
     """``{"backbone": "mlp", "depth": 2, "width": 128}`` -> ``mlp d2 w128``."""
     if not isinstance(arch, Mapping):
         return "-" if arch is None else str(arch)

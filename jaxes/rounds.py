@@ -13,6 +13,7 @@ round per generation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -23,6 +24,7 @@ from flax import nnx
 
 from jaxes import (
     checkpoint,
+    files,
     infer,
     instance,
     keys,
@@ -33,6 +35,7 @@ from jaxes import (
     tboard,
 )
 from jaxes import data as data_lib
+from jaxes import guard as guard_lib
 from jaxes import progress as progress_lib
 from jaxes import train as train_lib
 from jaxes import workdir as workdir_lib
@@ -78,6 +81,17 @@ def _round_record(t, choice, result, tol, config, round_key, seconds, generation
     }
 
 
+def _hparams(train_config, result) -> dict:
+    """The training hyper-parameters of a round, as recorded with its instance (the learning rate
+    and weight decay are the round's own: the search may set them)."""
+    names = ("batch_size", "max_epochs", "patience")
+    return {
+        "learning_rate": result.learning_rate,
+        "weight_decay": result.weight_decay,
+        **{name: train_config[name] for name in names},
+    }
+
+
 def _resume(ckpt, workdir, is_primary):
     """Loads the committed state and the round records it covers.
 
@@ -120,7 +134,7 @@ def _finish(config, workdir, data, mesh, tol, stop_reason, records, wall_seconds
         test = evaluator.evaluate(state, data.test)
         summary["test_accuracy"], summary["test_loss"] = test["accuracy"], test["loss"]
         summary["test_metric"] = test[config.metric.removeprefix("val_")]
-        summary["best_arch"] = meta["arch"]
+        summary["best_arch"] = meta.arch
         if config.knn:
             summary["knn_top1"] = infer.knn_top1(
                 evaluator.embed(state, data.train.images),
@@ -129,10 +143,14 @@ def _finish(config, workdir, data, mesh, tol, stop_reason, records, wall_seconds
                 data.test.labels,
             )
     if jax.process_index() == 0:
-        workdir_lib.write_summary(workdir, summary)
         plot.plot_rounds(
-            records, Path(workdir) / "rounds.png", metric_name=config.metric, mode=config.mode
+            records,
+            Path(workdir) / files.PLOT,
+            metric_name=config.metric,
+            mode=config.mode,
+            stop_reason=stop_reason,
         )
+        workdir_lib.write_summary(workdir, summary)  # last: its presence means "finished"
     return summary
 
 
@@ -147,18 +165,65 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
 
     Returns:
       The summary dict, also written to ``workdir/summary.json``.
+
+    Raises:
+      guard.Interrupted: SIGINT or SIGTERM arrived; the workdir resumes like after a kill.
+      guard.DiskFull: the workdir's disk filled up; every committed round is kept.
+      workdir.WorkdirError: the workdir is a file, another config's, or in use by a live run.
     """
     check_config(config)
     is_primary = jax.process_index() == 0
-    data = data_lib.load(config.dataset, config.data_dir or None)
+    out = stream or sys.stderr
+    with guard_lib.Guard(workdir) as run_guard:
+        if workdir_lib.check(workdir, config) and workdir_lib.read_summary(workdir) is not None:
+            # Finished: reading only, so a read-only (archived, shared) workdir still reports.
+            return _already_finished(workdir, out if is_primary else None, stream)
+        data = data_lib.load(config.dataset, config.data_dir or None)
+        mesh = sharding.make_mesh(population=config.parallel.rounds)
+        check_batch_size(config, data, mesh)
+        strategy = make_strategy(config)
+        if is_primary and (warning := progress_lib.space_warning(config, strategy)):
+            print(warning, file=out)
+        # One writer per workdir: the lock is held until the run ends or its process dies.
+        with workdir_lib.lock(workdir) if is_primary else contextlib.nullcontext():
+            return _run(config, workdir, data, mesh, strategy, run_guard, stream=stream, live=live)
+
+
+def _already_finished(workdir, out, stream) -> dict:
+    summary = workdir_lib.read_summary(workdir)
+    if out is not None:
+        print(progress_lib.finished_message(summary), file=out)
+        table = progress_lib.summary_table(summary, workdir_lib.read_rounds(workdir))
+        print(table, file=stream or sys.stdout)
+    return summary
+
+
+def _propose(strategy, strategy_state, root, first: int, size: int):
+    """Up to ``size`` proposals for rounds ``first, first + 1, ...``; stops early if exhausted.
+
+    Returns:
+      ``(proposals, strategy_state, exhausted)``, proposals as ``(round_index, choice, key)``.
+    """
+    proposals = []
+    for t in range(first, first + size):
+        round_key = keys.round_key(root, t)
+        try:
+            choice, strategy_state = strategy.propose(
+                strategy_state, keys.RoundKeys.of(round_key).arch
+            )
+        except search.Exhausted:
+            return proposals, strategy_state, True
+        proposals.append((t, choice, round_key))
+    return proposals, strategy_state, False
+
+
+def _run(config, workdir, data, mesh, strategy, run_guard, *, stream, live) -> dict:
+    """The generation loop of ``run``, once the workdir is this process's to write."""
+    is_primary = jax.process_index() == 0
     population = config.parallel.rounds
-    mesh = sharding.make_mesh(population=population)
-    check_batch_size(config, data, mesh)
     workdir_lib.claim(workdir, config, write=is_primary)
     root = keys.root(config.seed)
-    strategy = make_strategy(config)
-
-    ckpt = checkpoint.Checkpointer(Path(workdir) / "checkpoints", is_primary=is_primary)
+    ckpt = checkpoint.Checkpointer(Path(workdir) / files.CHECKPOINTS, is_primary=is_primary)
     state, records = _resume(ckpt, workdir, is_primary)
     if state is None:
         tol = make_tolerance(config, root)
@@ -168,14 +233,19 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
         strategy_state, wall_before = state["strategy"], state["wall_seconds"]
         discarded = state.get("rounds_discarded", 0)
     ckpt.keep_only(tol.best_round)  # exactly the committed best stays on disk
+    run_guard.round_index = tol.round
     stop_reason = None
 
     start = time.monotonic()
     progress = progress_lib.Progress(stream=stream or sys.stderr, live=live, enabled=is_primary)
     progress.resume(records)
+    if is_primary:
+        print(progress_lib.start_message(tol, resumed=state is not None), file=stream or sys.stderr)
     # On resume, drop TensorBoard events past the committed round (a kill may have left them).
     writer = tboard.ScalarWriter(
-        Path(workdir) / "tensorboard", enabled=is_primary, purge_step=tol.round if state else None
+        Path(workdir) / files.TENSORBOARD,
+        enabled=is_primary,
+        purge_step=tol.round if state else None,
     )
     engine = train_lib.Engine(
         data,
@@ -187,25 +257,16 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
     )
     with progress, writer, ckpt:
         while not tol.stopped and stop_reason is None:
-            first = tol.round
+            first = run_guard.round_index = tol.round
             generation_start = time.monotonic()
             # A generation never proposes past the current budget (it can only grow).
-            size = min(population, tol.rounds - first)
-            proposals, exhausted = [], False
-            for t in range(first, first + size):
-                round_key = keys.round_key(root, t)
-                try:
-                    choice, strategy_state = strategy.propose(
-                        strategy_state, keys.RoundKeys.of(round_key).arch
-                    )
-                except search.Exhausted:
-                    exhausted = True
-                    break
-                proposals.append((t, choice, round_key))
+            proposals, strategy_state, exhausted = _propose(
+                strategy, strategy_state, root, first, min(population, tol.rounds - first)
+            )
             if not proposals:
                 stop_reason = "search_exhausted"
                 break
-            progress.start_round(first, tol.rounds)
+            progress.start_round(first, tol.rounds, patience=tol.patience)
             jobs = []
             for _, choice, round_key in proposals:
                 arch, learning_rate, weight_decay = split_choice(choice, config.train)
@@ -226,27 +287,25 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
                 )
                 new_records.append(record)
                 if tol.improved:
-                    best_save = (t, choice, result)
+                    best_save = (t, result)
             for record in new_records:
                 if is_primary:
                     workdir_lib.append_round(workdir, record)
                 records.append(record)
                 writer.write_round(record)  # before the commit: a resume purges it, never loses it
             if best_save is not None:
-                t, choice, result = best_save
-                meta = {
-                    "round_index": t,
-                    "arch": result.arch.to_dict(),
-                    "choice": choice,
-                    "learning_rate": result.learning_rate,
-                    "weight_decay": result.weight_decay,
-                    "input_spec": data.spec.to_dict(),
-                    "log_rate": result.log_rate,
-                    "metrics": result.metrics,
-                    "metric": config.metric,
-                    "dataset": config.dataset,
-                }
-                instance.save(ckpt, t, result.state, meta)
+                t, result = best_save
+                meta = instance.Meta(
+                    round_index=t,
+                    arch=result.arch.to_dict(),
+                    input_spec=data.spec.to_dict(),
+                    log_rate=result.log_rate,
+                    metrics=result.metrics,
+                    metric=config.metric,
+                    dataset=config.dataset,
+                    hparams=_hparams(config.train, result),
+                )
+                instance.save(ckpt, result.state, meta)
             ckpt.save_state(
                 {
                     "next_round": tol.round,
@@ -256,6 +315,7 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
                     "rounds_discarded": discarded,
                 }
             )
+            run_guard.round_index = tol.round  # committed: a stop now is in the next generation
             for record in new_records:
                 progress.end_round(record)
             if exhausted and not tol.stopped:

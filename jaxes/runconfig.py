@@ -9,22 +9,20 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from jaxes import keys, models, search, sharding, stopping
+from jaxes import keys, models, rules, search, sharding, stopping
 from jaxes import train as train_lib
-
-METRICS = {"val_accuracy": "max", "val_loss": "min"}
 
 # Search-space fields that are not architecture fields: traced hyper-parameters of training
 # (DESIGN §10), so searching them never recompiles. Each defaults to its ``config.train`` value.
 HPARAM_FIELDS = ("learning_rate", "weight_decay")
 
 
-class ConfigError(ValueError):
-    """A config field has a bad value."""
+class ConfigError(rules.FieldError):
+    """A config field has a bad value; ``field`` names it."""
 
 
 def _field_error(path: str, problem: str) -> ConfigError:
-    return ConfigError(f"config.{path}: {problem}")
+    return ConfigError(path, problem)
 
 
 def make_tolerance(config, root_key) -> stopping.State:
@@ -50,11 +48,8 @@ def make_tolerance(config, root_key) -> stopping.State:
     }
     try:
         return stopping.init(config.rounds, **kwargs)
-    except ValueError as e:
-        name = str(e).split(" ", 1)[0]
-        path = "rounds" if name == "rounds" else f"tolerance.{name}"
-        if name not in kwargs and name != "rounds":
-            path = "tolerance"
+    except stopping.ArgumentError as e:
+        path = "rounds" if e.argument == "rounds" else f"tolerance.{e.argument}"
         raise _field_error(path, str(e)) from None
 
 
@@ -124,8 +119,10 @@ def _is_int(value) -> bool:
 
 def check_config(config) -> None:
     """Raises ConfigError naming the first bad field of ``config``."""
-    _check(config.metric in METRICS, "metric", f"one of {sorted(METRICS)}", config.metric)
-    want = METRICS[config.metric]
+    try:
+        want = rules.mode_for(config.metric)
+    except rules.FieldError as e:
+        raise _field_error(e.field, e.problem) from None
     _check(config.mode == want, "mode", f"{want!r} for metric {config.metric!r}", config.mode)
     _check(_is_int(config.seed) and config.seed >= 0, "seed", "an int >= 0", config.seed)
     _check(bool(config.dataset), "dataset", "a TFDS dataset name", config.dataset)
@@ -156,9 +153,12 @@ def check_config(config) -> None:
 
 def check_batch_size(config, data, mesh) -> None:
     """Raises ConfigError unless ``train.batch_size`` fits the data and splits over the mesh."""
-    batch_size, examples = config.train.batch_size, len(data.train.labels)
-    _check(batch_size <= examples, "train.batch_size",
-           f"at most the {examples} training examples of {config.dataset}", batch_size)  # fmt: skip
-    size = sharding.data_size(mesh)
-    _check(batch_size % size == 0, "train.batch_size",
-           f"a multiple of the {size} devices of the data axis", batch_size)  # fmt: skip
+    try:
+        rules.check_batch_size(
+            config.train.batch_size,
+            len(data.train.labels),
+            sharding.data_size(mesh),
+            data=config.dataset,
+        )
+    except rules.FieldError as e:
+        raise _field_error(e.field, e.problem) from None

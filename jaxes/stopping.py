@@ -28,8 +28,9 @@ and where Keras, Lightning and Flax ``EarlyStopping`` differ:
   ``max_rounds`` (default twice the initial budget); reaching the budget stops. None of the
   others extends a budget.
 
-Updating a stopped state raises ``StoppedError``; a bad argument raises ``ValueError`` naming it
-and its allowed range; a metric that is not a real number raises ``TypeError``.
+Updating a stopped state raises ``StoppedError``; a bad argument raises ``ArgumentError`` (a
+``ValueError``) whose ``argument`` names it, with its allowed range in the message; a metric
+that is not a real number raises ``TypeError``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ _NONFINITE_POLICIES = ("worse", "stop")
 
 class StoppedError(RuntimeError):
     """Raised by ``update`` on a state that has already stopped."""
+
+
+class ArgumentError(ValueError):
+    """A bad argument of ``init`` (or field of ``State.from_dict``); ``argument`` names it."""
+
+    def __init__(self, argument: str, message: str):
+        super().__init__(message)
+        self.argument = argument
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,18 +123,21 @@ def _is_finite(value) -> bool:
     return _is_real(value) and math.isfinite(value)
 
 
-def _require(condition: bool, message: str) -> None:
+def _require(condition: bool, argument: str, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise ArgumentError(argument, message)
 
 
 def _check_rounds_ratio_r(rounds, ratio, r) -> None:
-    _require(_is_int(rounds) and rounds >= 1, f"rounds must be an int >= 1, got {rounds!r}.")
+    _require(
+        _is_int(rounds) and rounds >= 1, "rounds", f"rounds must be an int >= 1, got {rounds!r}."
+    )
     _require(
         _is_real(ratio) and 0 < ratio <= 1,
+        "ratio",
         f"ratio must be a real number in (0, 1] (the patent uses [0.7, 0.9]), got {ratio!r}.",
     )
-    _require(_is_finite(r) and r <= 0, f"r must be a finite real number <= 0, got {r!r}.")
+    _require(_is_finite(r) and r <= 0, "r", f"r must be a finite real number <= 0, got {r!r}.")
 
 
 def _check_config(state: State) -> None:
@@ -153,7 +165,7 @@ def _check_config(state: State) -> None:
         ("extend", isinstance(s.extend, bool), "True or False"),
     )
     for name, ok, allowed in checks:
-        _require(ok, f"{name} must be {allowed}, got {getattr(s, name)!r}.")
+        _require(ok, name, f"{name} must be {allowed}, got {getattr(s, name)!r}.")
 
 
 def patience_from(rounds: int, ratio: float, r: float) -> int:
@@ -181,7 +193,7 @@ def draw_r(seed: int) -> float:
     Returns:
         A float <= 0, the same for the same seed.
     """
-    _require(_is_int(seed) and seed >= 0, f"seed must be an int >= 0, got {seed!r}.")
+    _require(_is_int(seed) and seed >= 0, "seed", f"seed must be an int >= 0, got {seed!r}.")
     return math.log(1.0 - random.Random(int(seed)).random())
 
 
@@ -231,7 +243,11 @@ def init(
     )
     choices = (("patience", patience), ("r", r), ("seed", seed))
     given = [name for name, value in choices if value is not None]
-    _require(len(given) <= 1, f"give at most one of patience, r, seed; got {', '.join(given)}.")
+    _require(
+        len(given) <= 1,
+        given[-1] if given else "",
+        f"give at most one of patience, r, seed; got {', '.join(given)}.",
+    )
     if seed is not None:
         r = draw_r(seed)
     elif patience is None and r is None:

@@ -1,24 +1,23 @@
-"""The files of a run's workdir, other than checkpoints.
+"""The files of a run's workdir, other than checkpoints (``jaxes.files`` names them all).
 
-    WORKDIR/config.json     the full config; a workdir belongs to exactly one config
-    WORKDIR/rounds.jsonl    one JSON line per finished round
-    WORKDIR/summary.json    the result, written at the end
-    WORKDIR/rounds.png, WORKDIR/tensorboard/, WORKDIR/checkpoints/
-
-Only the primary process writes (the caller checks ``jax.process_index() == 0``).
+Only the primary process writes (the caller checks ``jax.process_index() == 0``), and only one
+run writes a workdir at a time: ``lock`` holds an OS lock on ``WORKDIR/.lock`` for as long as
+the run lives. The kernel drops it when the holder dies, so a SIGKILLed run never blocks its
+own resume.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from jaxes.checkpoint import atomic_write_text
-
-CONFIG = "config.json"
-ROUNDS = "rounds.jsonl"
-SUMMARY = "summary.json"
+from jaxes.files import CONFIG, LOCK, ROUNDS, SUMMARY, atomic_write_text
 
 
 class WorkdirError(ValueError):
@@ -31,6 +30,56 @@ def config_json(config) -> str:
     return json.dumps(as_dict, sort_keys=True, indent=2, default=list)
 
 
+def _flat(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def first_difference(ours: dict, theirs: dict) -> tuple[str, object, object] | None:
+    """The first field (in sorted dotted order) where two config dicts differ, with both values.
+
+    A field that one config lacks has the value ``"<absent>"`` there.
+    """
+    a, b = _flat(ours), _flat(theirs)
+    for name in sorted(set(a) | set(b)):
+        left, right = a.get(name, "<absent>"), b.get(name, "<absent>")
+        if left != right:
+            return name, left, right
+    return None
+
+
+def check(workdir: str | os.PathLike, config) -> bool:
+    """Checks, reading only, that ``workdir`` can hold this config's run.
+
+    Returns:
+      Whether the workdir already holds this config's run (its config.json matches).
+
+    Raises:
+      WorkdirError: the workdir is a file, or holds another config's run.
+    """
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"{workdir} is a file, not a directory; use a new --workdir.")
+    path = workdir / CONFIG
+    if not path.exists():
+        return False
+    ours = json.loads(config_json(config))
+    theirs = read_config(workdir)
+    difference = first_difference(ours, theirs)
+    if difference is not None:
+        name, mine, saved = difference
+        raise WorkdirError(
+            f"{workdir} holds a run of a different config: config.{name} is {mine!r} now but "
+            f"{saved!r} in {path}; use a new --workdir, or rerun with that run's config to "
+            "resume it."
+        )
+    return True
+
+
 def claim(workdir: str | os.PathLike, config, *, write: bool) -> None:
     """Makes ``workdir`` this config's, or checks that it already is.
 
@@ -40,20 +89,62 @@ def claim(workdir: str | os.PathLike, config, *, write: bool) -> None:
       write: whether this process writes (the primary one).
 
     Raises:
-      WorkdirError: the workdir holds another config's run; nothing in it is touched.
+      WorkdirError: the workdir is a file or holds another config's run; nothing is touched.
     """
-    path = Path(workdir) / CONFIG
-    text = config_json(config)
-    if path.exists():
-        if json.loads(path.read_text()) != json.loads(text):
-            raise WorkdirError(
-                f"{workdir} holds a run of a different config ({path}); use a new --workdir, "
-                "or rerun with that run's exact config to resume it."
-            )
+    if check(workdir, config) or not write:
         return
-    if write:
-        Path(workdir).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, text + "\n")
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(workdir) / CONFIG, config_json(config) + "\n")
+
+
+@contextlib.contextmanager
+def lock(workdir: str | os.PathLike, *, wait_seconds: float = 0.5) -> Iterator[None]:
+    """Holds the workdir's writer lock (creating the workdir) for the ``with`` body.
+
+    Args:
+      workdir: the run directory.
+      wait_seconds: how long to retry a held lock (a ``jaxes.report`` peeks at it briefly).
+
+    Raises:
+      WorkdirError: another live process holds the lock; it is named by PID and host.
+    """
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    path = Path(workdir) / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                    raise WorkdirError(
+                        f"{workdir} is in use by another run (process {holder}); wait for it "
+                        "to end or stop it, or use a new --workdir."
+                    ) from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays, holding the last writer's PID
+
+
+def is_locked(workdir: str | os.PathLike) -> bool:
+    """Whether a live process holds the workdir's writer lock (reads only; no file is made)."""
+    try:
+        fd = os.open(Path(workdir) / LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def read_config(workdir) -> dict:
@@ -64,7 +155,7 @@ def read_config(workdir) -> dict:
     except FileNotFoundError:
         raise WorkdirError(
             f"{workdir} has no {CONFIG}, so its run is unknown; point --workdir at a run made "
-            "by `python -m jaxes.main`."
+            "by `.venv/bin/python -m jaxes.main`."
         ) from None
     except json.JSONDecodeError as error:
         raise WorkdirError(f"{path} is not valid JSON ({error}); the workdir is damaged.") from None
@@ -91,10 +182,14 @@ def write_rounds(workdir, records: list[dict]) -> None:
 
 def append_round(workdir, record: dict) -> None:
     """Appends one record line and flushes it to disk."""
-    with open(Path(workdir) / ROUNDS, "a", encoding="utf-8") as f:
-        f.write(_line(record))
-        f.flush()
-        os.fsync(f.fileno())
+    path = Path(workdir) / ROUNDS
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(_line(record))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as error:
+        raise OSError(error.errno, error.strerror or str(error), os.fspath(path)) from error
 
 
 def _line(record: dict) -> str:
@@ -102,6 +197,7 @@ def _line(record: dict) -> str:
 
 
 def write_summary(workdir, summary: dict) -> None:
+    """Writes summary.json, the last file of a run: its presence means the run finished."""
     atomic_write_text(Path(workdir) / SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
 

@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 _CACHE_DIR = tempfile.mkdtemp(prefix="jaxes-test-jax-cache-")
@@ -23,7 +24,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-from jaxes import data  # noqa: E402  (after the environment above, which JAX reads at import)
+# After the environment above, which JAX reads at import.
+from jaxes import data, instance, workdir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_CONFIG = f"--config={ROOT / 'configs' / 'digits.py'}:smoke"
@@ -59,7 +61,7 @@ def smoke_run(tmp_path_factory, digits_data_dir) -> Path:
 
 
 def _round_records(metrics, *, patience=3, budget=6):
-    """Round records for a max-mode run, following DESIGN.md §3 (ties reset, budget extension).
+    """Round records for a max-mode run, following docs/design.md §3 (ties reset, budget extension).
 
     A None metric is a failed round: it counts as below the best.
     """
@@ -129,3 +131,44 @@ def run_records(make_records, run_metrics):
     records = make_records(run_metrics)
     assert records[-1]["stopped"] and records[-1]["rounds_budget"] > records[0]["rounds_budget"]
     return records
+
+
+def _comparable(path) -> dict:
+    summary = workdir.read_summary(path)
+    summary.pop("wall_seconds")
+    return summary
+
+
+def _best_params(path):
+    from flax import nnx
+
+    model, meta = instance.load(path)
+    return nnx.to_pure_dict(nnx.state(model)), meta
+
+
+def _same_run(a, b) -> None:
+    """Asserts two workdirs hold the same run: summary, best instance (bitwise) and rounds."""
+    import jax
+
+    assert _comparable(a) == _comparable(b)
+    params_a, meta_a = _best_params(a)
+    params_b, meta_b = _best_params(b)
+    assert meta_a == meta_b
+    leaves_a, tree_a = jax.tree.flatten(params_a)
+    leaves_b, tree_b = jax.tree.flatten(params_b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    def strip(path):
+        return [
+            {k: v for k, v in r.items() if k != "wall_seconds"} for r in workdir.read_rounds(path)
+        ]
+
+    assert strip(a) == strip(b)
+
+
+@pytest.fixture
+def assert_same_run():
+    """``assert_same_run(a, b)``: two workdirs hold the same run, bit for bit."""
+    return _same_run

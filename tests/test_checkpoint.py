@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from jaxes import checkpoint
-from jaxes.checkpoint import Checkpointer, CheckpointError, atomic_write_text
+from jaxes.checkpoint import Checkpointer, CheckpointError
+from jaxes.files import atomic_write_text
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
 
@@ -156,7 +157,7 @@ def test_missing_checkpoint_errors_name_the_problem(tmp_path):
     ckpt = Checkpointer(directory)
     assert ckpt.best_round() is None
     assert ckpt.load_state() is None
-    with pytest.raises(CheckpointError, match=r"no finished best instance in .*: run `python -m"):
+    with pytest.raises(CheckpointError, match=r"no finished best instance in .*: run `.venv/bin"):
         ckpt.restore_best()
     assert not directory.exists()  # reading never creates the workdir
     ckpt.save_best(5, {"w": jnp.zeros(2)}, {})

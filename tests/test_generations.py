@@ -17,12 +17,10 @@ import pytest
 from jaxes import rounds, search, workdir
 from tests.test_rounds import (
     ROOT,
-    _assert_same_run,
     _cmd,
     _committed_rounds,
     _env,
     _free_port,
-    _run,
     _run_killed,
 )
 
@@ -99,10 +97,18 @@ def test_a_stop_inside_a_generation_discards_the_later_rounds(tmp_path, digits_d
     assert all(r["generation"] == r["round_index"] // 4 for r in records)
 
 
+def _run(path, digits_data_dir, population: int) -> dict:
+    """The smoke run at population ``population``, in this process."""
+    config = _smoke_config(**{"parallel.rounds": population})
+    config.data_dir = str(digits_data_dir)
+    with open(os.devnull, "w") as quiet:
+        return rounds.run(config, path, stream=quiet)
+
+
 @pytest.fixture(scope="module")
 def k2_reference(tmp_path_factory, digits_data_dir):
     path = tmp_path_factory.mktemp("k2_reference")
-    _run(path, digits_data_dir, "--config.parallel.rounds=2")
+    _run(path, digits_data_dir, 2)
     return path
 
 
@@ -118,7 +124,7 @@ def test_k2_proposes_what_k1_proposes_and_keeps_an_unpadded_best(k2_reference, s
 
 
 def test_sigkill_mid_generation_then_resume_equals_uninterrupted(
-    k2_reference, tmp_path, digits_data_dir
+    k2_reference, tmp_path, digits_data_dir, assert_same_run
 ):
     def in_generation_one(path):
         return _committed_rounds(path) >= 2  # generation 0 committed: generation 1 is training
@@ -126,8 +132,8 @@ def test_sigkill_mid_generation_then_resume_equals_uninterrupted(
     proc_cmd = _cmd(tmp_path, digits_data_dir, "--config.parallel.rounds=2")
     _run_killed(tmp_path, digits_data_dir, in_generation_one, cmd=proc_cmd)
     assert not (tmp_path / "summary.json").exists()
-    _run(tmp_path, digits_data_dir, "--config.parallel.rounds=2")
-    _assert_same_run(k2_reference, tmp_path)
+    _run(tmp_path, digits_data_dir, 2)
+    assert_same_run(k2_reference, tmp_path)
 
 
 def _per_round(path):

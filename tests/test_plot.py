@@ -86,3 +86,16 @@ def test_no_tensorflow_no_jax_no_pyplot(tmp_path, run_records):
     assert "tensorflow" not in modules
     assert not any(name == "jax" or name.startswith(("jax.", "flax")) for name in modules)
     assert "matplotlib.pyplot" not in modules
+
+
+def test_every_stop_reason_is_marked_search_exhausted_included(tmp_path, make_records):
+    stopped = make_records([0.5, 0.4, 0.3], patience=2, budget=6)
+    assert plot.stop_marker(stopped) == (2, "patience")
+    running = make_records([0.5, 0.6], patience=3, budget=6)
+    assert plot.stop_marker(running) is None
+    # The search ran out after round 1: no record stopped, the summary says why.
+    assert plot.stop_marker(running, "search_exhausted") == (1.5, "search_exhausted")
+    plot.plot_rounds(running, tmp_path / "a.png", metric_name="acc", mode="max")
+    plot.plot_rounds(running, tmp_path / "b.png", metric_name="acc", mode="max",
+                     stop_reason="search_exhausted")  # fmt: skip
+    assert (tmp_path / "a.png").read_bytes() != (tmp_path / "b.png").read_bytes()

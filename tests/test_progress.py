@@ -116,3 +116,25 @@ def test_summary_table_lists_every_round_and_the_stop(run_records):
         assert text in table
     without_knn = {key: value for key, value in summary.items() if key != "knn_top1"}
     assert "0.9377" not in progress_lib.summary_table(without_knn, run_records)
+
+
+def test_the_live_line_knows_the_patience_from_round_0():
+    stream = io.StringIO()
+    progress = progress_lib.Progress(stream=stream, live=True, clock=FakeClock(), width=200)
+    progress.start_round(0, 12, patience=7)
+    assert "streak 0/7" in stream.getvalue().rsplit("\r", 1)[-1]
+
+
+def test_fixed_patience_and_plurals_read_right(run_records):
+    record = dict(run_records[0], epochs=1)
+    stream = io.StringIO()
+    progress = progress_lib.Progress(stream=stream, live=False, clock=FakeClock())
+    progress.start_round(0, 6, patience=3)
+    progress.end_round(record)
+    assert ", 1 epoch, " in stream.getvalue()
+    summary = {"patience": 5, "r": None, "rounds_run": 1, "rounds_budget": 6}
+    table = progress_lib.summary_table(summary, [record])
+    assert "patience     5 (fixed patience)" in table.splitlines()
+    assert "r = -" not in table
+    assert progress_lib.plural(1, "round") == "1 round"
+    assert progress_lib.plural(0, "round") == "0 rounds"

@@ -29,7 +29,7 @@ def run(kwargs, metrics):
 
 # Each case: name, init kwargs, metrics, streak after each update, final best, final best_round,
 # final reason (None: still running), and optional per-update expectations for other fields.
-# Worked by hand from the rules in DESIGN.md §3; metrics are dyadic so every sum is exact.
+# Worked by hand from the rules in docs/design.md §3; metrics are dyadic so every sum is exact.
 FIXED = {"rounds": 20, "extend": False}
 CASES = [
     ("tie resets (claim 4)", {**FIXED, "patience": 2}, [1, 0, 1, 0, 0],
