@@ -70,16 +70,6 @@ def put_tree(tree, sharding: NamedSharding):
     return jax.tree.map(lambda x: put(x, sharding), tree)
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, name: str = "batch_size") -> None:
-    """Raises unless ``batch_size`` splits evenly over the mesh's data axis."""
-    size = data_size(mesh)
-    if batch_size % size:
-        raise ValueError(
-            f"{name}={batch_size} must be a multiple of the {size} devices of the data axis; "
-            f"use e.g. {name}={max(1, batch_size // size) * size}."
-        )
-
-
 def memory_bytes(device: jax.Device) -> int:
     """Memory one device may use: its allocator limit, or the host's RAM for CPU devices."""
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jaxes import data as data_lib
-from jaxes import hostloop, keys, models, padding, population, sharding, steps
+from jaxes import hostloop, keys, models, padding, population, rules, sharding, steps
 
 DRIVERS = ("scan", "unrolled", "host")
 
@@ -112,13 +112,10 @@ class Engine:
     ):
         self.data, self.config = data, config
         self.mesh = sharding.make_mesh() if mesh is None else mesh
-        sharding.check_batch_size(config.batch_size, self.mesh)
+        rules.check_batch_size(
+            config.batch_size, len(data.train.labels), sharding.data_size(self.mesh), data=data.name
+        )
         self.steps_per_epoch = len(data.train.labels) // config.batch_size
-        if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"batch_size={config.batch_size} exceeds the {len(data.train.labels)} training "
-                "examples; lower train.batch_size."
-            )
         self.space = dict(space or {})
         self.pad_backbones = tuple(pad_backbones)
         self.on_epoch = on_epoch
