@@ -69,6 +69,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train.epoch_driver = "auto"  # auto | scan | unrolled | host
     config.train.device_memory_fraction = 0.5
     config.train.eval_batch_size = 512
+    # Report every epoch from inside the device program (jax.debug.callback). A host callback
+    # makes the persistent compilation cache miss in every new process, so it is off: the live
+    # line then shows each generation's elapsed time, and every finished round.
+    config.train.epoch_progress = False
 
     # Population rounds (DESIGN §10): K rounds proposed together and trained in one program per
     # size bucket, over the mesh ("rounds", "data"). K = 1 is one round at a time.

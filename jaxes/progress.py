@@ -7,10 +7,12 @@ a count helps, it is shown as ``[k/budget]``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
@@ -133,6 +135,27 @@ class Progress:
             if self._last_draw is None or now - self._last_draw >= self._min_interval:
                 self._draw(now)
 
+    @contextlib.contextmanager
+    def ticking(self, interval: float = 1.0):
+        """While the block runs (a device program, silent until it ends), redraw the live line
+        every ``interval`` seconds so its elapsed time and ETA keep moving."""
+        if not (self._live and self._enabled):
+            yield
+            return
+        stop = threading.Event()
+
+        def tick():
+            while not stop.wait(interval):
+                self._draw()
+
+        thread = threading.Thread(target=tick, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
     def end_round(self, record: Mapping[str, Any]) -> None:
         """Reports a finished round from its record (one log line)."""
         self._absorb(record, self._clock() - self._round_start)
@@ -180,6 +203,7 @@ class Progress:
         if self._epoch is not None:
             loss = f" (val_loss {self._val_loss:.4f})" if _finite(self._val_loss) else ""
             parts.append(f"epoch {self._epoch}{loss}")
+        parts.append(f"{_duration(now - self._round_start)} in")
         parts.append(f"ETA {self._eta(now)}")
         return " · ".join(parts)
 

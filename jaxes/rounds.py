@@ -253,7 +253,11 @@ def _run(config, workdir, data, mesh, strategy, run_guard, *, stream, live) -> d
         mesh=mesh,
         space=strategy.space,
         pad_backbones=tuple(config.parallel.pad_backbones),
-        on_epoch=lambda job, epoch, loss: progress.epoch(epoch, loss),
+        # Per-epoch progress is a host callback inside the programs, and a callback keys the
+        # persistent compilation cache by process: off by default, so reruns compile nothing.
+        on_epoch=(lambda job, epoch, loss: progress.epoch(epoch, loss))
+        if config.train.epoch_progress
+        else None,
     )
     with progress, writer, ckpt:
         while not tol.stopped and stop_reason is None:
@@ -271,7 +275,8 @@ def _run(config, workdir, data, mesh, strategy, run_guard, *, stream, live) -> d
             for _, choice, round_key in proposals:
                 arch, learning_rate, weight_decay = split_choice(choice, config.train)
                 jobs.append(train_lib.Job(arch, round_key, learning_rate, weight_decay))
-            results = engine.train(jobs)
+            with progress.ticking():
+                results = engine.train(jobs)
             seconds = (time.monotonic() - generation_start) / len(proposals)
             new_records, best_save = [], None
             for (t, choice, round_key), result in zip(proposals, results, strict=True):
