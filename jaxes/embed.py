@@ -152,7 +152,7 @@ def embed(
         record.update(source="images", images=images, files=kept, skipped=skipped)
     else:
         data_dir = data_dir or config["data_dir"] or data_lib.default_data_dir()
-        loaded = data_lib.load(config["dataset"], data_dir)
+        loaded = data_lib.load_config(config, data_dir)
         if loaded.spec.shape != spec.shape:
             raise EmbedError(
                 f"{config['dataset']} in {data_dir} has images of shape {loaded.spec.shape}, but "

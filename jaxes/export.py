@@ -125,6 +125,7 @@ def manifest(workdir, meta: dict, exported, params) -> dict:
         "test": {key: summary[key] for key in ("test_accuracy", "knn_top1") if key in summary},
         "arch": meta["arch"],
         "dataset": meta["dataset"],
+        "class_names": meta.get("class_names"),  # label i is class_names[i]
         "params": {
             "path": PARAMS_DIR,
             "format": "orbax StandardCheckpointer",

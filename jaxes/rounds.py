@@ -28,6 +28,7 @@ from jaxes import (
     sharding,
     stopping,
     tboard,
+    vis,
 )
 from jaxes import data as data_lib
 from jaxes import progress as progress_lib
@@ -107,12 +108,15 @@ def _finish(config, workdir, data, mesh, tol, stop_reason, records, wall_seconds
         summary["test_metric"] = test[config.metric.removeprefix("val_")]
         summary["best_arch"] = meta["arch"]
         if config.knn:
+            train_emb = evaluator.embed(state, data.train.images)
+            test_emb = evaluator.embed(state, data.test.images)
+            knn_start = time.perf_counter()
             summary["knn_top1"] = infer.knn_top1(
-                evaluator.embed(state, data.train.images),
-                data.train.labels,
-                evaluator.embed(state, data.test.images),
-                data.test.labels,
+                train_emb, data.train.labels, test_emb, data.test.labels
             )
+            summary["knn_seconds"] = time.perf_counter() - knn_start
+            if jax.process_index() == 0:  # neighbors.png and embedding.png
+                vis.write_plots(workdir, data, train_emb, test_emb)
     if jax.process_index() == 0:
         workdir_lib.write_summary(workdir, summary)
         plot.plot_rounds(
@@ -135,10 +139,11 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
     """
     check_config(config)
     is_primary = jax.process_index() == 0
-    data = data_lib.load(config.dataset, config.data_dir or None)
+    data = data_lib.load_config(config)
     mesh = sharding.make_mesh()
     check_batch_size(config, data, mesh)
     workdir_lib.claim(workdir, config, write=is_primary)
+    workdir_lib.claim_data(workdir, data.identity(), write=is_primary)
     root = keys.root(config.seed)
     strategy = make_strategy(config)
 
@@ -199,6 +204,7 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
                     "metrics": result.metrics,
                     "metric": config.metric,
                     "dataset": config.dataset,
+                    "class_names": list(data.class_names),
                 }
                 instance.save(ckpt, t, result.state, meta)
             records.append(record)

