@@ -28,6 +28,7 @@ import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 
 from jaxes import cli
 from jaxes import digits as digits_lib
@@ -351,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data_dir", default=default_data_dir(), help="default: %(default)s")
     parser.add_argument("--path", default="", help="the image folder, for NAME=folder")
     args = parser.parse_args(argv)
+    absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS's routine warnings are not the outcome
     folder = folder_lib.Options(path=args.path) if args.name == FOLDER else None
     try:
         if args.name not in LOCAL and args.name not in (

@@ -12,10 +12,12 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
 
 # The builder writes these splits; jaxes.data gives every data set the same three names.
 SPLITS = ("train", "validation", "test")
@@ -118,7 +120,13 @@ def prepare_locked(make_builder, data_dir: str) -> tfds.core.DatasetBuilder:
             version_dir = Path(builder.data_dir)
             for stale in version_dir.parent.glob(f"incomplete.*_{version_dir.name}"):
                 shutil.rmtree(stale, ignore_errors=True)  # a killed run's partial files
-            builder.download_and_prepare(file_format="array_record")
+            # TFDS's progress bars on a terminal only: a log or a test sees just the outcome.
+            active = tqdm_utils._active
+            tqdm_utils.display_progress_bar(sys.stderr.isatty())
+            try:
+                builder.download_and_prepare(file_format="array_record")
+            finally:
+                tqdm_utils.display_progress_bar(active)
     return make_builder()  # reads its info from disk, as every later load does
 
 
