@@ -28,12 +28,11 @@ import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import logging as absl_logging
 
-from jaxes import cli
 from jaxes import digits as digits_lib
 from jaxes import folder as folder_lib
 from jaxes import mnist5k as mnist5k_lib
+from jaxes.spec import InputSpec, normalize  # noqa: F401  (public here: data.InputSpec)
 
 DIGITS = "digits"
 MNIST5K = mnist5k_lib.NAME
@@ -51,6 +50,9 @@ SPLITS = digits_lib.SPLITS
 VALIDATION_FRACTION = 0.1
 VALIDATION_SEED = 0
 _READ_CHUNK = 4096  # records per batched read: amortizes the per-call cost, bounds memory
+
+
+PREPARE_EXTRA = "`.venv/bin/pip install -e '.[prepare]'` (or `pip install 'jaxes[prepare]'`)"
 
 
 class DataError(ValueError):
@@ -72,57 +74,6 @@ def _prepare_hint(name: str, data_dir: str) -> str:
         f"prepare it once with `python -m jaxes.data prepare {name} --data_dir={data_dir}` "
         f"(needs the prepare extra, {PREPARE_EXTRA}, and network access)"
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class InputSpec:
-    """What a model's input looks like: model input = float32(image) * scale."""
-
-    height: int
-    width: int
-    channels: int
-    num_classes: int
-    dtype: str = "uint8"
-    scale: float = 1.0 / 255.0
-
-    def __post_init__(self):
-        for field in ("height", "width", "channels", "num_classes"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"InputSpec.{field} must be a positive int, got {value!r}.")
-        if self.dtype != "uint8":
-            raise ValueError(f"InputSpec.dtype must be 'uint8', got {self.dtype!r}.")
-        if not (np.isfinite(self.scale) and self.scale > 0):
-            raise ValueError(f"InputSpec.scale must be finite and > 0, got {self.scale!r}.")
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """The shape of one image, (height, width, channels)."""
-        return (self.height, self.width, self.channels)
-
-    def to_dict(self) -> dict:
-        """Returns the spec as a JSON-serializable dict."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> InputSpec:
-        """Rebuilds a spec from `to_dict` output (exact, also after a JSON round trip)."""
-        if unknown := set(d) - {field.name for field in dataclasses.fields(cls)}:
-            raise ValueError(f"InputSpec.from_dict got unknown keys {sorted(unknown)}.")
-        return cls(**d)
-
-
-def normalize(images, spec: InputSpec):
-    """Maps stored images to model input.
-
-    Args:
-      images: uint8 array (numpy or jax) of shape (..., H, W, C).
-      spec: the data set's input spec.
-
-    Returns:
-      float32 array of the same shape, float32(images) * spec.scale (in [0, 1] for uint8).
-    """
-    return images.astype(np.float32) * np.float32(spec.scale)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -336,58 +287,7 @@ def load_config(config, data_dir: str | os.PathLike | None = None) -> Data:
     )
 
 
-PREPARE_EXTRA = "`.venv/bin/pip install -e '.[prepare]'` (or `pip install 'jaxes[prepare]'`)"
+if __name__ == "__main__":  # `python -m jaxes.data prepare ...`: the CLI lives in jaxes.prepare
+    from jaxes import prepare
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Prepares a data set: `python -m jaxes.data prepare NAME --data_dir=DIR`.
-
-    NAME is digits, mnist5k, folder (with --path=DIR) or a TFDS name. Exit codes: 0 prepared;
-    2 misuse (unknown name, unwritable dir, not an image data set, a missing extra); 1 the
-    environment could not prepare a known data set (no network, a broken download).
-    """
-    parser = cli.Parser(prog="python -m jaxes.data", description=main.__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("prepare",))
-    parser.add_argument("name", help=f"one of {sorted(LOCAL)} or a TFDS dataset name")
-    parser.add_argument("--data_dir", default=default_data_dir(), help="default: %(default)s")
-    parser.add_argument("--path", default="", help="the image folder, for NAME=folder")
-    args = parser.parse_args(argv)
-    absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS's routine warnings are not the outcome
-    folder = folder_lib.Options(path=args.path) if args.name == FOLDER else None
-    try:
-        if args.name not in LOCAL and args.name not in (
-            digits_lib.JaxesDigits.name,
-            mnist5k_lib.JaxesMnist5k.name,
-        ):
-            try:
-                builder = tfds.builder(
-                    args.name, data_dir=args.data_dir, file_format="array_record"
-                )
-            except ValueError:
-                cli.fail(f"TFDS has no dataset {args.name!r}: {describe_known()}.")
-            builder.download_and_prepare(file_format="array_record")
-        data = load(args.name, args.data_dir, folder=folder)
-    except OSError as error:
-        cli.fail(cli.describe_os_error(error))
-    except DataError as error:  # prepared, but not an image classification data set
-        cli.fail(str(error))
-    except ImportError as error:  # TensorFlow and its helpers come with the prepare extra
-        cli.fail(
-            f"preparing {args.name!r} needs the prepare extra (no module "
-            f"{getattr(error, 'name', None) or error}): install it with {PREPARE_EXTRA}."
-        )
-    except Exception as error:  # no network, a broken download
-        print(
-            f"jaxes: preparing {args.name!r} in {args.data_dir} failed "
-            f"({type(error).__name__}: {str(error).partition(chr(10))[0]}); it needs "
-            f"the prepare extra ({PREPARE_EXTRA}) and network access.",
-            file=sys.stderr,
-        )
-        return 1
-    split_sizes = {key: len(data.split(key)) for key in SPLITS}
-    print(f"Prepared {args.name!r} in {args.data_dir}: {data.spec}, split sizes {split_sizes}.")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(prepare.main())

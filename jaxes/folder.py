@@ -13,8 +13,8 @@ is converted with ``jaxes.images.to_spec``, exactly as ``jaxes.embed`` converts 
 and serving see the same pixels. A file that is not a readable image fails the preparation with
 one sentence naming every such file (nothing is written): fix or remove them and run again.
 
-The **fingerprint** hashes the sorted relative paths with each file's size and mtime, and the
-conversion (size, channels). It names the prepared TFDS config
+The **fingerprint** hashes the class names and the sorted relative paths with each file's size
+and mtime. With the conversion (size, channels) it names the prepared TFDS config
 (``jaxes_folder/<folder>-HxWxC-<fingerprint>``), so a changed folder is prepared anew and never
 read as the old one. The split of a folder without split folders orders each class's files by the
 SHA-256 of their relative paths, so it is fixed by the file list alone, with no seed.
@@ -234,22 +234,24 @@ class JaxesFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # the files are local
-        bad: list[str] = []
         parts = {s: idx for s, idx in split_files(self._listing).items() if idx}
-        last = list(parts)[-1]
-        return {s: self._generate_examples(idx, bad, s == last) for s, idx in parts.items()}
+        progress = {"bad": [], "left": len(parts)}  # shared by the splits' generators
+        return {s: self._generate_examples(idx, progress) for s, idx in parts.items()}
 
-    def _generate_examples(self, indices, bad: list[str], last: bool):
+    def _generate_examples(self, indices, progress: dict):
         spec = _Spec(*self._shape)
         for index in indices:
             relative, label, _ = self._listing.files[index]
             try:
                 image = images_lib.read(self._listing.root / relative, spec)
             except (images_lib.ImageError, images_lib.ChannelError) as error:
-                bad.append(f"{relative} ({str(error).rsplit(' (', 1)[-1].rstrip(').')})")
+                reason = str(error).rsplit(" (", 1)[-1].rstrip(").")
+                progress["bad"].append(f"{relative} ({reason})")
                 continue
             yield index, {"image": image, "label": label, "index": index}
-        if last and bad:  # every split was read: name all bad files; TFDS keeps nothing
+        progress["left"] -= 1
+        bad = progress["bad"]
+        if bad and not progress["left"]:  # every split read, in whatever order: name them all
             shown = "; ".join(bad[:_LISTED]) + (
                 f"; and {len(bad) - _LISTED} more" if bad[_LISTED:] else ""
             )
