@@ -244,9 +244,11 @@ class JaxesFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             relative, label, _ = self._listing.files[index]
             try:
                 image = images_lib.read(self._listing.root / relative, spec)
-            except (images_lib.ImageError, images_lib.ChannelError) as error:
-                reason = str(error).rsplit(" (", 1)[-1].rstrip(").")
-                progress["bad"].append(f"{relative} ({reason})")
+            except images_lib.ImageError as error:  # "PATH ... (Pillow's reason)."
+                progress["bad"].append(f"{relative} ({str(error).rsplit(' (', 1)[-1][:-2]})")
+                continue
+            except images_lib.ChannelError:
+                progress["bad"].append(f"{relative} (a colour mode with no mapping to L or RGB)")
                 continue
             yield index, {"image": image, "label": label, "index": index}
         progress["left"] -= 1

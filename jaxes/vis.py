@@ -156,8 +156,9 @@ def plot_embedding(path, embeddings, labels, class_names=(), *, title: str = "")
         ax.set_title("PCA" if method == "pca" else "t-SNE (scikit-learn, perplexity <= 30)")
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[0].legend(loc="upper left", bbox_to_anchor=(-0.02, 1.0), fontsize="small",
-                   markerscale=2, ncol=1 if len(classes) <= 12 else 2)  # fmt: skip
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside right upper", fontsize="small", markerscale=2,
+               ncol=1 if len(classes) <= 16 else 2)  # fmt: skip
     fig.suptitle(title or f"{len(embeddings)} test embeddings in 2-D, coloured by class")
     _save_atomically(fig, os.fspath(path))
 
