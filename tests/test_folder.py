@@ -211,7 +211,7 @@ def test_fewer_images_than_a_batch_exits_2(tmp_path):
 def test_a_kill_while_preparing_leaves_nothing_taken_for_complete(tmp_path):
     root, data_dir = tmp_path / "images", tmp_path / "tfds"
     write_folder(root, 3000, size=14)
-    options = folder.Options(str(root), 14, 14, 1)
+    options = folder.Options(str(root))  # the conversion `jaxes.data prepare folder` picks
     cmd = [
         sys.executable,
         "-m",
@@ -230,7 +230,8 @@ def test_a_kill_while_preparing_leaves_nothing_taken_for_complete(tmp_path):
     proc.wait()
     assert list(data_dir.glob("jaxes_folder/*/incomplete.*")), "not killed mid-preparation"
     listing = folder.scan(root)
-    builder = folder.JaxesFolder(listing=listing, shape=(14, 14, 1), data_dir=str(data_dir))
+    shape = folder.resolve(options, listing)
+    builder = folder.JaxesFolder(listing=listing, shape=shape, data_dir=str(data_dir))
     assert not builder.is_prepared()
     loaded = data.load("folder", data_dir, folder=options)  # prepared anew, completely
     assert len(loaded.train) + len(loaded.validation) + len(loaded.test) == 3000
