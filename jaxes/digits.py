@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
 
 # The builder writes these splits; jaxes.data gives every data set the same three names.
 SPLITS = ("train", "validation", "test")
@@ -93,17 +97,39 @@ class JaxesDigits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield index, example
 
 
-def prepare_digits(data_dir: str) -> tfds.core.DatasetBuilder:
-    """Writes the digits data set into `data_dir` unless it is there; returns its builder."""
-    builder = JaxesDigits(data_dir=data_dir)
+def prepare_locked(make_builder, data_dir: str) -> tfds.core.DatasetBuilder:
+    """Prepares a local builder in ``data_dir`` unless it is there; returns its builder.
+
+    TFDS writes into ``incomplete.XXXXXX_VERSION`` and renames it into place only when complete,
+    so a killed preparation leaves nothing that ``is_prepared()`` takes for done; its leftovers
+    are removed here, under the lock, before the next attempt. The lock also makes a second
+    process wait, then reuse the first one's files (a second rename would fail).
+
+    Args:
+      make_builder: ``make_builder(**kwargs)`` returns the builder (``file_format`` may be given).
+      data_dir: the TFDS data directory.
+    """
+    builder = make_builder()
     if builder.is_prepared():
         return builder
     os.makedirs(data_dir, exist_ok=True)
-    # TFDS writes into a temp dir and renames it into place, but a second writer's rename would
-    # fail; the lock makes a second process wait, then reuse the first one's files.
-    with open(os.path.join(data_dir, f".{JaxesDigits.name}.lock"), "a") as lock:
+    with open(os.path.join(data_dir, f".{builder.name}.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        builder = JaxesDigits(data_dir=data_dir, file_format="array_record")
+        builder = make_builder(file_format="array_record")
         if not builder.is_prepared():
-            builder.download_and_prepare(file_format="array_record")
-    return JaxesDigits(data_dir=data_dir)  # reads its info from disk, as every later load does
+            version_dir = Path(builder.data_dir)
+            for stale in version_dir.parent.glob(f"incomplete.*_{version_dir.name}"):
+                shutil.rmtree(stale, ignore_errors=True)  # a killed run's partial files
+            # TFDS's progress bars on a terminal only: a log or a test sees just the outcome.
+            active = tqdm_utils._active
+            tqdm_utils.display_progress_bar(sys.stderr.isatty())
+            try:
+                builder.download_and_prepare(file_format="array_record")
+            finally:
+                tqdm_utils.display_progress_bar(active)
+    return make_builder()  # reads its info from disk, as every later load does
+
+
+def prepare_digits(data_dir: str) -> tfds.core.DatasetBuilder:
+    """Writes the digits data set into `data_dir` unless it is there; returns its builder."""
+    return prepare_locked(lambda **kwargs: JaxesDigits(data_dir=data_dir, **kwargs), data_dir)

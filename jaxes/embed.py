@@ -1,13 +1,15 @@
 """Command line: feature vectors of images from a run's best instance.
 
     python -m jaxes.embed --workdir=runs/digits --images='photos/*.png' --out=emb.npy
-    python -m jaxes.embed --workdir=runs/digits --split=test --out=emb.npy
+    python -m jaxes.embed --workdir=runs/digits --split=test --out=emb.npy --plots
 
 Writes ``emb.npy``, an (N, D) float32 array, and ``emb.json`` beside it: the file (or split
 record) of each row, in order, and the files skipped by ``--skip-bad`` with the reason. The best
 instance is restored onto the devices present (a GPU-trained run embeds on a CPU), and images are
 converted to the run's input spec as ``jaxes.images`` describes. Batches have a fixed size,
-padded, so one compiled function serves any N.
+padded, so one compiled function serves any N. ``--plots`` also writes ``neighbors.png`` and
+``embedding.png`` beside ``--out`` (``jaxes.vis``), against the run's train split: files of unknown
+class get no green/red frames, and are coloured by their nearest train image's class.
 
 Exit codes: 0 done, 2 bad input (one sentence on stderr; nothing is written).
 """
@@ -25,7 +27,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxes import checkpoint, cli, files, infer, instance, sharding
+from jaxes import checkpoint, cli, files, infer, instance, sharding, vis
 from jaxes import data as data_lib
 from jaxes import images as images_lib
 from jaxes import workdir as workdir_lib
@@ -104,6 +106,7 @@ def embed(
     skip_bad: bool = False,
     data_dir: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    plots: bool = False,
 ) -> dict:
     """Embeds image files (``images``) or a split of the run's data set (``split``).
 
@@ -115,6 +118,7 @@ def embed(
       skip_bad: skip unreadable images (listed in the record) instead of failing.
       data_dir: the TFDS data dir for ``split``; default: the run's, else the default one.
       batch_size: rows per compiled call.
+      plots: also write neighbors.png and embedding.png beside ``out``.
 
     Returns:
       The row record written to the .json file.
@@ -135,10 +139,11 @@ def embed(
                 f"--images={images} matches no files; give an image file, a directory of "
                 "images, or a glob such as 'photos/*.png'."
             )
-    else:
-        if split not in data_lib.SPLITS:
-            raise EmbedError(f"--split={split} is not a split; use one of {data_lib.SPLITS}.")
+    elif split not in data_lib.SPLITS:
+        raise EmbedError(f"--split={split} is not a split; use one of {data_lib.SPLITS}.")
+    if split is not None or plots:
         config = workdir_lib.read_config(workdir)
+        data_dir = data_dir or config["data_dir"] or data_lib.default_data_dir()
     model, meta = instance.load(workdir)
     spec = meta.spec
     record = {"workdir": str(workdir), "round_index": meta.round_index, "arch": meta.arch}
@@ -150,14 +155,14 @@ def embed(
                 "an image; emb.json would be empty, so nothing was written."
             )
         record.update(source="images", images=images, files=kept, skipped=skipped)
-    else:
-        data_dir = data_dir or config["data_dir"] or data_lib.default_data_dir()
-        loaded = data_lib.load(config["dataset"], data_dir)
+    if split is not None or plots:
+        loaded = data_lib.load_config(config, data_dir)
         if loaded.spec.shape != spec.shape:
             raise EmbedError(
                 f"{config['dataset']} in {data_dir} has images of shape {loaded.spec.shape}, but "
                 f"the run was trained on {spec.shape}; pass the run's --data_dir."
             )
+    if split is not None:
         batch = loaded.split(split).images
         record.update(
             source="split",
@@ -170,6 +175,9 @@ def embed(
     embeddings = embed_images(model, spec, batch, batch_size)
     seconds = time.perf_counter() - start
     record.update(shape=list(embeddings.shape), dtype="float32", input_spec=spec.to_dict())
+    if plots:
+        record["plots"] = [str(p) for p in _plots(out_path, model, spec, loaded, batch, embeddings,
+                                                  record.get("labels"), batch_size)]  # fmt: skip
     record_path = _write_outputs(out_path, embeddings, record)
     skipped = f"; skipped {len(record['skipped'])} bad files" if record.get("skipped") else ""
     print(
@@ -177,6 +185,24 @@ def embed(
         f"{record_path} in {seconds:.2f} s with compilation{skipped}"
     )
     return record
+
+
+def _plots(out_path, model, spec, loaded, images, embeddings, labels, batch_size):
+    """neighbors.png and embedding.png of the embedded rows against the run's train split."""
+    train = loaded.train
+    train_emb = embed_images(model, spec, train.images, batch_size)
+    names = tuple(loaded.class_names)
+    paths = [out_path.parent / vis.NEIGHBORS, out_path.parent / vis.EMBEDDING]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    vis.plot_neighbors(paths[0], images, labels, train.images, train.labels, embeddings,
+                       train_emb, names)  # fmt: skip
+    if labels is None:  # files of unknown class: coloured by their nearest train image's class
+        colour_by = train.labels[infer.nearest(train_emb, embeddings, 1)[:, 0]]
+        title = f"{len(embeddings)} embedded files in 2-D, coloured by the nearest train class"
+    else:
+        colour_by, title = np.asarray(labels), ""
+    vis.plot_embedding(paths[1], embeddings, colour_by, names, title=title)
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip_bad", "--skip-bad", action="store_true", help="skip bad images")
     parser.add_argument("--data_dir", help="TFDS data dir for --split (default: the run's)")
     parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--plots", action="store_true", help="write neighbors/embedding.png")
     args = parser.parse_args(argv)
     try:
         embed(
@@ -200,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             skip_bad=args.skip_bad,
             data_dir=args.data_dir,
             batch_size=args.batch_size,
+            plots=args.plots,
         )
     except USER_ERRORS as error:
         cli.fail(str(error))

@@ -112,6 +112,7 @@ def manifest(workdir, meta: instance.Meta, exported, params) -> dict:
         "test": {key: summary[key] for key in ("test_accuracy", "knn_top1") if key in summary},
         "arch": meta.arch,
         "dataset": meta.dataset,
+        "class_names": meta.class_names,  # label i is class_names[i]
         "params": {
             "path": PARAMS_DIR,
             "format": "orbax StandardCheckpointer",

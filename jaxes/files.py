@@ -3,6 +3,7 @@
 Standard library only, so every layer (checkpoints, plots, the workdir, embed) may import it.
 
     WORKDIR/config.json          the full config; a workdir belongs to exactly one config
+    WORKDIR/data.json            the data set's identity (an image folder's fingerprint)
     WORKDIR/rounds.jsonl         one JSON line per finished round
     WORKDIR/summary.json         the result, written last: its presence means "finished"
     WORKDIR/rounds.png           the rounds plot
@@ -19,6 +20,7 @@ import secrets
 from pathlib import Path
 
 CONFIG = "config.json"
+DATA = "data.json"  # the data set's identity: name, folder, fingerprint, class names
 ROUNDS = "rounds.jsonl"
 SUMMARY = "summary.json"
 PLOT = "rounds.png"

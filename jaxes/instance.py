@@ -35,6 +35,7 @@ class Meta:
       dataset: the data set it was trained on.
       hparams: the training hyper-parameters of its round (learning rate, weight decay, batch
         size, ...); empty for instances saved before they were recorded.
+      class_names: the data set's class names in label order, if it has them.
     """
 
     round_index: int
@@ -45,6 +46,7 @@ class Meta:
     metric: str
     dataset: str
     hparams: dict = dataclasses.field(default_factory=dict)
+    class_names: list | None = None  # label i is class_names[i]; None when the data has none
 
     @property
     def dropout_rate(self) -> float:

@@ -33,6 +33,7 @@ from jaxes import (
     sharding,
     stopping,
     tboard,
+    vis,
 )
 from jaxes import data as data_lib
 from jaxes import guard as guard_lib
@@ -136,12 +137,15 @@ def _finish(config, workdir, data, mesh, tol, stop_reason, records, wall_seconds
         summary["test_metric"] = test[config.metric.removeprefix("val_")]
         summary["best_arch"] = meta.arch
         if config.knn:
+            train_emb = evaluator.embed(state, data.train.images)
+            test_emb = evaluator.embed(state, data.test.images)
+            knn_start = time.perf_counter()
             summary["knn_top1"] = infer.knn_top1(
-                evaluator.embed(state, data.train.images),
-                data.train.labels,
-                evaluator.embed(state, data.test.images),
-                data.test.labels,
+                train_emb, data.train.labels, test_emb, data.test.labels
             )
+            summary["knn_seconds"] = time.perf_counter() - knn_start
+            if jax.process_index() == 0:  # neighbors.png and embedding.png
+                vis.write_plots(workdir, data, train_emb, test_emb)
     if jax.process_index() == 0:
         plot.plot_rounds(
             records,
@@ -178,7 +182,7 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
         if workdir_lib.check(workdir, config) and workdir_lib.read_summary(workdir) is not None:
             # Finished: reading only, so a read-only (archived, shared) workdir still reports.
             return _already_finished(workdir, out if is_primary else None, stream)
-        data = data_lib.load(config.dataset, config.data_dir or None)
+        data = data_lib.load_config(config)
         mesh = sharding.make_mesh(population=config.parallel.rounds)
         check_batch_size(config, data, mesh)
         strategy = make_strategy(config)
@@ -222,6 +226,7 @@ def _run(config, workdir, data, mesh, strategy, run_guard, *, stream, live) -> d
     is_primary = jax.process_index() == 0
     population = config.parallel.rounds
     workdir_lib.claim(workdir, config, write=is_primary)
+    workdir_lib.claim_data(workdir, data.identity(), write=is_primary)
     root = keys.root(config.seed)
     ckpt = checkpoint.Checkpointer(Path(workdir) / files.CHECKPOINTS, is_primary=is_primary)
     state, records = _resume(ckpt, workdir, is_primary)
@@ -309,6 +314,7 @@ def _run(config, workdir, data, mesh, strategy, run_guard, *, stream, live) -> d
                     metric=config.metric,
                     dataset=config.dataset,
                     hparams=_hparams(config.train, result),
+                    class_names=list(data.class_names) if data.class_names else None,
                 )
                 instance.save(ckpt, result.state, meta)
             ckpt.save_state(

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from jaxes.files import CONFIG, LOCK, ROUNDS, SUMMARY, atomic_write_text
+from jaxes.files import CONFIG, DATA, LOCK, ROUNDS, SUMMARY, atomic_write_text
 
 
 class WorkdirError(ValueError):
@@ -145,6 +145,29 @@ def is_locked(workdir: str | os.PathLike) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def claim_data(workdir: str | os.PathLike, identity: dict, *, write: bool) -> None:
+    """Records the data a run trains on, or checks that a resumed run sees the same data.
+
+    Raises:
+      WorkdirError: the workdir's run was made on other data (a changed image folder).
+    """
+    path = Path(workdir) / DATA
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        # The folder's place may change (a moved disk); its contents may not.
+        if {k: v for k, v in recorded.items() if k != "source"} != {
+            k: v for k, v in identity.items() if k != "source"
+        }:
+            source = recorded.get("source") or recorded.get("dataset")
+            raise WorkdirError(
+                f"the data of {workdir} changed since its run began ({source}: fingerprint "
+                f"{recorded.get('fingerprint')}, now {identity.get('fingerprint')}); "
+                "restore the data to resume, or use a new --workdir."
+            )
+    elif write:
+        atomic_write_text(path, json.dumps(identity, indent=2, sort_keys=True) + "\n")
 
 
 def read_config(workdir) -> dict:

@@ -82,7 +82,15 @@ def reference(smoke_run):
 
 
 def test_reference_run_writes_the_workdir(reference):
-    for name in ("config.json", "rounds.jsonl", "summary.json", "rounds.png"):
+    for name in (
+        "config.json",
+        "rounds.jsonl",
+        "summary.json",
+        "rounds.png",
+        "data.json",
+        "neighbors.png",
+        "embedding.png",
+    ):
         assert (reference / name).is_file(), name
     assert list((reference / "tensorboard").iterdir())
     summary = workdir.read_summary(reference)
