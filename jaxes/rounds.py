@@ -26,14 +26,19 @@ from jaxes import (
     plot,
     search,
     sharding,
-    stopping,
     tboard,
 )
 from jaxes import data as data_lib
 from jaxes import progress as progress_lib
 from jaxes import train as train_lib
 from jaxes import workdir as workdir_lib
-from jaxes.runconfig import check_batch_size, check_config, make_strategy, make_tolerance
+from jaxes.runconfig import (
+    check_batch_size,
+    check_config,
+    make_strategy,
+    make_tolerance,
+    tolerance_rule,
+)
 
 
 def _round_record(t, choice, result, tol, config, round_key, seconds) -> dict:
@@ -61,6 +66,9 @@ def _round_record(t, choice, result, tol, config, round_key, seconds) -> dict:
         "rounds_budget": tol.rounds,
         "stopped": tol.stopped,
         "reason": tol.reason,
+        # The gain rule's estimates (None under the patent's rule, which has none).
+        "expected_gain": getattr(tol, "gain", None),
+        "noise_floor": getattr(tol, "floor", None),
         "wall_seconds": seconds,
     }
 
@@ -86,6 +94,7 @@ def _finish(config, workdir, data, mesh, tol, stop_reason, records, wall_seconds
         "best_metric": tol.best,
         "metric": config.metric,
         "mode": config.mode,
+        "rule": config.tolerance.rule,
         "test_metric": None,
         "test_accuracy": None,
         "test_loss": None,
@@ -141,6 +150,7 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
     workdir_lib.claim(workdir, config, write=is_primary)
     root = keys.root(config.seed)
     strategy = make_strategy(config)
+    rule = tolerance_rule(config)  # stopping (the patent's) or gain: one protocol
 
     ckpt = checkpoint.Checkpointer(Path(workdir) / "checkpoints", is_primary=is_primary)
     state, records = _resume(ckpt, workdir, is_primary)
@@ -148,7 +158,7 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
         tol = make_tolerance(config, root)
         strategy_state, wall_before = strategy.init(), 0.0
     else:
-        tol = stopping.State.from_dict(state["tolerance"])
+        tol = rule.State.from_dict(state["tolerance"])
         strategy_state, wall_before = state["strategy"], state["wall_seconds"]
     ckpt.keep_only(tol.best_round)  # exactly the committed best stays on disk
     stop_reason = None
@@ -184,7 +194,7 @@ def run(config, workdir, *, stream=None, live=None) -> dict:
             metric = math.nan if result.failed else result.metrics[config.metric]
             fitness = None if result.failed else (metric if config.mode == "max" else -metric)
             strategy_state = strategy.observe(pending, choice, fitness, t)
-            tol = stopping.update(tol, metric)
+            tol = rule.update(tol, metric)
             record = _round_record(
                 t, choice, result, tol, config, round_key, time.monotonic() - round_start
             )
