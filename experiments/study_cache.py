@@ -18,6 +18,7 @@ import io
 import json
 import runpy
 import shutil
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,22 +164,26 @@ def save_cache(path: Path, sequences: dict) -> None:
 
 
 def ensure(path: Path, seeds, horizon: int, *, smoke: bool, work_root: Path, data_dir: str = "",
-           workers: int = 1, log=print) -> dict:  # fmt: skip
+           workers: int = 1, minutes: float | None = None, log=print) -> dict:  # fmt: skip
     """Returns every (strategy, seed) sequence, training and caching only the missing ones.
 
     A cached entry whose fingerprint differs from the current config is retrained, so a
-    changed search space or training config can never be read from a stale cache.
+    changed search space or training config can never be read from a stale cache. With
+    ``minutes``, training stops once that much time has passed (a run in flight resumes from
+    its workdir next time); only seeds that both strategies finished are returned.
     """
     sequences = load_cache(path)
     todo = []
-    for strategy in STRATEGIES:
-        for seed in seeds:
+    # Seed by seed, both strategies, so a study cut short still compares them on the same seeds.
+    for seed in seeds:
+        for strategy in STRATEGIES:
             name = f"{strategy}-{seed}"
             want = fingerprint(study_config(strategy, seed, horizon, smoke=smoke))
             if sequences.get(name, {}).get("fingerprint") != want:
                 todo.append((strategy, seed, horizon, smoke, data_dir, str(work_root)))
     if todo:
         log(f"training {len(todo)} sequences of {horizon} rounds ({workers} workers)")
+        deadline = None if minutes is None else time.monotonic() + 60 * minutes
         if workers > 1:
             import multiprocessing
 
@@ -187,11 +192,18 @@ def ensure(path: Path, seeds, horizon: int, *, smoke: bool, work_root: Path, dat
                     sequences[name] = entry
                     save_cache(path, sequences)
                     log(f"  {name}: {entry['wall_seconds']} s")
+                    if deadline is not None and time.monotonic() > deadline:
+                        log("  out of training time: the runs in flight resume next time")
+                        pool.terminate()
+                        break
         else:
             for args in todo:
                 name, entry = _worker(args)
                 sequences[name] = entry
                 save_cache(path, sequences)
                 log(f"  {name}: {entry['wall_seconds']} s")
-    names = [f"{s}-{seed}" for s in STRATEGIES for seed in seeds]
-    return {name: sequences[name] for name in names}
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+    # Only seeds that both strategies finished: every comparison is paired.
+    done = [s for s in seeds if all(f"{st}-{s}" in sequences for st in STRATEGIES)]
+    return {f"{st}-{s}": sequences[f"{st}-{s}"] for st in STRATEGIES for s in done}

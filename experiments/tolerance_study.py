@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work_root", default="runs/tolerance_study", help="engine workdirs")
     parser.add_argument("--data_dir", default="", help="TFDS data dir (default: jaxes')")
     parser.add_argument("--workers", type=int, default=2, help="training processes")
+    parser.add_argument("--train_minutes", type=float, default=None,
+                        help="stop training after this long; report on the seeds done")  # fmt: skip
     args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else FULL
     out = Path(args.out)
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
     horizon = 2 * max(plan["budgets"])
     sequences = study_cache.ensure(cache, plan["seeds"], horizon, smoke=args.smoke,
                                    work_root=work_root, data_dir=args.data_dir,
-                                   workers=args.workers)  # fmt: skip
+                                   workers=args.workers, minutes=args.train_minutes)  # fmt: skip
     rows = analyse(sequences, plan["budgets"], horizon)
     write_outputs(rows, out, smoke=args.smoke)
     print(study_report.markdown(rows, HEADLINE))
