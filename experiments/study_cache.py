@@ -181,7 +181,9 @@ def ensure(path: Path, seeds, horizon: int, *, smoke: bool, work_root: Path, dat
             want = fingerprint(study_config(strategy, seed, horizon, smoke=smoke))
             if sequences.get(name, {}).get("fingerprint") != want:
                 todo.append((strategy, seed, horizon, smoke, data_dir, str(work_root)))
-    if todo:
+    if todo and minutes is not None and minutes <= 0:
+        log(f"{len(todo)} sequences not trained (--train_minutes 0): reporting on the rest")
+    elif todo:
         log(f"training {len(todo)} sequences of {horizon} rounds ({workers} workers)")
         deadline = None if minutes is None else time.monotonic() + 60 * minutes
         if workers > 1:
