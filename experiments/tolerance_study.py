@@ -8,6 +8,7 @@ Command (2 CPU cores, under the shared lock; the first run trains, later runs re
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 from pathlib import Path
@@ -40,6 +41,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="training processes")
     parser.add_argument("--train_minutes", type=float, default=None,
                         help="stop training after this long; report on the seeds done")  # fmt: skip
+    parser.add_argument("--train_until", default=None,
+                        help="HH:MM local time: stop training then")  # fmt: skip
     args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else FULL
     out = Path(args.out)
@@ -50,6 +53,14 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(args.work_root) / "jax_cache"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    if args.train_until:
+        try:
+            hours, minutes = (int(x) for x in args.train_until.split(":"))
+            now = datetime.datetime.now()
+            until = now.replace(hour=hours, minute=minutes, second=0, microsecond=0)
+        except ValueError:
+            parser.error(f"--train_until takes HH:MM, got {args.train_until!r}.")
+        args.train_minutes = (until - now).total_seconds() / 60
     horizon = 2 * max(plan["budgets"])
     sequences = study_cache.ensure(cache, plan["seeds"], horizon, smoke=args.smoke,
                                    work_root=work_root, data_dir=args.data_dir,
