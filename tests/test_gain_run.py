@@ -96,3 +96,37 @@ def test_a_gain_run_resumes_after_sigkill_to_the_same_result(gain_run, tmp_path,
     assert not (tmp_path / "summary.json").exists()
     _run(tmp_path, digits_data_dir)
     assert _without_wall(tmp_path) == _without_wall(gain_run)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("rule", "bogus", "config.tolerance.rule: must be one of ['gain', 'patent']"),
+        ("gain.noise", -1.0, "config.tolerance.gain.noise: noise must be None or a finite"),
+        ("gain.warmup", 0, "config.tolerance.gain.warmup: warmup must be an int >= 1"),
+        ("max_rounds", 2, "config.tolerance.max_rounds: max_rounds must be an int >= rounds"),
+    ],
+)
+def test_bad_gain_config_names_the_field(field, value, needle):
+    import runpy
+
+    from jaxes import runconfig
+
+    config = runpy.run_path(str(ROOT / "configs" / "digits.py"))["get_config"]("smoke")
+    config.tolerance.rule = "gain"
+    section, _, name = f"tolerance.{field}".rpartition(".")
+    target = config
+    for part in section.split("."):
+        target = target[part]
+    target[name] = value
+    with pytest.raises(runconfig.ConfigError) as info:
+        runconfig.check_config(config)
+    assert str(info.value).startswith(needle)
+
+
+def test_an_unknown_rule_exits_2_with_one_sentence(tmp_path, digits_data_dir):
+    cmd = [*_cmd(tmp_path / "w", digits_data_dir), "--config.tolerance.rule=gains"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "config.tolerance.rule: must be one of ['gain', 'patent'], got 'gains'." in proc.stderr
+    assert not (tmp_path / "w").exists()
