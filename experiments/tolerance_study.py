@@ -65,6 +65,10 @@ def main(argv=None) -> int:
     sequences = study_cache.ensure(cache, plan["seeds"], horizon, smoke=args.smoke,
                                    work_root=work_root, data_dir=args.data_dir,
                                    workers=args.workers, minutes=args.train_minutes)  # fmt: skip
+    if not sequences:
+        print(f"No seed of {cache} has both strategies trained yet; run without "
+              "--train_minutes/--train_until to train them.", file=sys.stderr)  # fmt: skip
+        return 1
     rows = analyse(sequences, plan["budgets"], horizon)
     wall = sum(entry["wall_seconds"] for entry in sequences.values())
     write_outputs(rows, out, smoke=args.smoke, engine_seconds=wall)
