@@ -40,6 +40,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # The round budget and the randomized tolerance (claims 1, 3-5), see jaxes/stopping.py.
     config.rounds = 12
     config.tolerance = ml_collections.ConfigDict()
+    # The rule that ends the rounds: "patent" (claims 1, 3-5: the fields below) or "gain"
+    # (jaxes/gain.py: stops when the expected gain of the rounds left is below the metric's noise).
+    config.tolerance.rule = "patent"
     config.tolerance.ratio = 0.8
     config.tolerance.r = config_dict.placeholder(float)  # None: r drawn from the seed.
     config.tolerance.patience = config_dict.placeholder(int)  # Set to fix the patience instead.
@@ -51,6 +54,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.tolerance.target = config_dict.placeholder(float)
     config.tolerance.extend = True
     config.tolerance.max_rounds = config_dict.placeholder(int)  # None: twice `rounds`.
+    # The "gain" rule reads only these, `extend` and `max_rounds` (the patent's fields above are
+    # unused then). noise None: the binomial standard error of the validation accuracy.
+    config.tolerance.gain = ml_collections.ConfigDict()
+    config.tolerance.gain.noise = config_dict.placeholder(float)
+    config.tolerance.gain.warmup = 3
 
     # Architecture search (claim 6): the space and the strategy.
     config.search = ml_collections.ConfigDict()

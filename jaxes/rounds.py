@@ -31,7 +31,6 @@ from jaxes import (
     plot,
     search,
     sharding,
-    stopping,
     tboard,
     vis,
 )
@@ -46,6 +45,7 @@ from jaxes.runconfig import (
     make_strategy,
     make_tolerance,
     split_choice,
+    tolerance_rule,
 )
 
 
@@ -78,6 +78,9 @@ def _round_record(t, choice, result, tol, config, round_key, seconds, generation
         "rounds_budget": tol.rounds,
         "stopped": tol.stopped,
         "reason": tol.reason,
+        # The gain rule's estimates (None under the patent's rule, which has none).
+        "expected_gain": getattr(tol, "gain", None),
+        "noise_floor": getattr(tol, "floor", None),
         "wall_seconds": seconds,
     }
 
@@ -114,6 +117,7 @@ def _finish(config, workdir, data, mesh, tol, stop_reason, records, wall_seconds
         "best_metric": tol.best,
         "metric": config.metric,
         "mode": config.mode,
+        "rule": config.tolerance.rule,
         "test_metric": None,
         "test_accuracy": None,
         "test_loss": None,
@@ -225,6 +229,7 @@ def _run(config, workdir, data, mesh, strategy, run_guard, *, stream, live) -> d
     """The generation loop of ``run``, once the workdir is this process's to write."""
     is_primary = jax.process_index() == 0
     population = config.parallel.rounds
+    rule = tolerance_rule(config)  # stopping (the patent's) or gain: one protocol
     workdir_lib.claim(workdir, config, write=is_primary)
     workdir_lib.claim_data(workdir, data.identity(), write=is_primary)
     root = keys.root(config.seed)
@@ -234,7 +239,7 @@ def _run(config, workdir, data, mesh, strategy, run_guard, *, stream, live) -> d
         tol = make_tolerance(config, root)
         strategy_state, wall_before, discarded = strategy.init(), 0.0, 0
     else:
-        tol = stopping.State.from_dict(state["tolerance"])
+        tol = rule.State.from_dict(state["tolerance"])
         strategy_state, wall_before = state["strategy"], state["wall_seconds"]
         discarded = state.get("rounds_discarded", 0)
     ckpt.keep_only(tol.best_round)  # exactly the committed best stays on disk
@@ -291,7 +296,7 @@ def _run(config, workdir, data, mesh, strategy, run_guard, *, stream, live) -> d
                 metric = math.nan if result.failed else result.metrics[config.metric]
                 fitness = None if result.failed else (metric if config.mode == "max" else -metric)
                 strategy_state = strategy.observe(strategy_state, choice, fitness, t)
-                tol = stopping.update(tol, metric)
+                tol = rule.update(tol, metric)
                 record = _round_record(
                     t, choice, result, tol, config, round_key, seconds, first // population
                 )

@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from jaxes import keys, models, rules, search, sharding, stopping
+from jaxes import gain, keys, models, rules, search, sharding, stopping
 from jaxes import train as train_lib
 
 # Search-space fields that are not architecture fields: traced hyper-parameters of training
 # (DESIGN §10), so searching them never recompiles. Each defaults to its ``config.train`` value.
 HPARAM_FIELDS = ("learning_rate", "weight_decay")
+# config.tolerance.rule -> the module that ends the rounds (same init/update/State protocol).
+RULES = {"patent": stopping, "gain": gain}
 
 
 class ConfigError(rules.FieldError):
@@ -25,8 +27,42 @@ def _field_error(path: str, problem: str) -> ConfigError:
     return ConfigError(path, problem)
 
 
-def make_tolerance(config, root_key) -> stopping.State:
-    """The initial tolerance state; ``r`` comes from the seed unless fixed by the config."""
+def tolerance_rule(config):
+    """The module of ``config.tolerance.rule``: ``stopping`` (the patent's) or ``gain``."""
+    rule = RULES.get(config.tolerance.rule)
+    if rule is None:
+        raise _field_error(
+            "tolerance.rule", f"must be one of {sorted(RULES)}, got {config.tolerance.rule!r}."
+        )
+    return rule
+
+
+def _make_gain(config) -> gain.State:
+    tol = config.tolerance
+    kwargs = {
+        "mode": config.mode,
+        "noise": tol.gain.noise,
+        "warmup": tol.gain.warmup,
+        "nonfinite": "worse",  # a failed round counts as below the best; the run goes on
+        "extend": tol.extend,
+        "max_rounds": tol.max_rounds,
+    }
+    try:
+        return gain.init(config.rounds, **kwargs)
+    except ValueError as e:
+        name = str(e).split(" ", 1)[0]
+        path = {"rounds": "rounds", "noise": "tolerance.gain.noise",
+                "warmup": "tolerance.gain.warmup"}.get(name, f"tolerance.{name}")  # fmt: skip
+        raise _field_error(path, str(e)) from None
+
+
+def make_tolerance(config, root_key) -> stopping.State | gain.State:
+    """The initial state of the rule that ends the rounds (``config.tolerance.rule``).
+
+    For the patent's rule, ``r`` comes from the seed unless fixed by the config.
+    """
+    if tolerance_rule(config) is gain:
+        return _make_gain(config)
     tol = config.tolerance
     r = tol.r
     if tol.patience is None and r is None:

@@ -1,0 +1,308 @@
+"""A value-aware stop for a run of rounds: stop when the rounds left cannot beat the noise.
+
+Standard library only, with the protocol of ``jaxes.stopping`` (``init``, ``update``, an
+immutable ``State`` that round-trips exactly through JSON, ``StoppedError``, one-sentence
+``ValueError``s naming the argument). Beside the patent's rule, never instead of it.
+
+The rule (mode "max"; "min" negates every metric first). After each round, with ``n`` rounds
+seen (a non-finite round counts as a draw below every other), the best ``b`` and ``m`` rounds left
+in the budget, it fits a peaks-over-threshold tail to the ``k = ceil(sqrt(n))`` best finite
+values (Pickands-Balkema-de Haan; the exponential, shape-0 case, which overstates the tail of a
+bounded metric such as an accuracy and so errs toward running on): excesses over the threshold
+``u``, the ``(k+1)``-th best, have mean ``beta``, so one more round beats ``b`` with chance
+``p = (k / n) * exp(-(b - u) / beta)`` and by ``beta`` on average. The expected gain of the best
+of ``m`` more rounds over ``b`` is then ``beta * sum_{j=1..m} (1 - (1 - p)**j) / j`` (the mean
+excess of the maximum, exact under the fit), the empirical expected improvement of Jones et al.
+(1998) taken over the remaining budget. The run stops (reason ``"gain"``) once this falls below
+the noise floor ``sigma``: the resolution at which a better validation score still means a better
+instance, the same idea as the automatic termination of Makarova et al. (2022), which stops when
+the regret bound drops below the metric's statistical error. ``sigma`` is ``noise`` if given;
+otherwise, for values on a grid ``i / N`` in [0, 1] (an accuracy on ``N`` examples: ``N`` is the
+least common denominator of the values), the binomial standard error
+``sqrt(q * (1 - q) / N)`` at ``q = |b|``, at least ``1 / N``; otherwise the smallest gap between
+two distinct values seen (pass ``noise`` for a continuous metric). No stop comes before ``warmup``
+rounds (default 3: a tail needs two values above its threshold). When the budget is spent, it
+extends one round at a time, up to ``max_rounds`` (default ``2 * rounds``), while the next round
+alone is still expected to gain ``sigma`` (``extend``, default True): the search is still climbing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fractions
+import itertools
+import math
+import numbers
+
+from jaxes.stopping import StoppedError
+
+__all__ = ["State", "StoppedError", "expected_gain", "init", "noise_floor", "update"]
+
+_MODES = ("max", "min")
+_NONFINITE_POLICIES = ("worse", "stop")
+# A validation split larger than this is treated as continuous (its grid is finer than 1e-6).
+_MAX_GRID = 1_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    """The whole gain state; every field is a JSON scalar or a list of finite floats.
+
+    The first fields are the ``init`` arguments (``max_rounds`` resolved). ``rounds`` is the
+    current budget, ``round`` the number of updates so far, ``values`` the finite metrics seen
+    (as given, in round order), ``failed`` the number of non-finite ones, ``best_round`` the
+    0-based index of the best round, ``improved`` whether the last update set a new best,
+    ``gain`` and ``floor`` the expected gain of the rounds left and the noise floor at the last
+    update (None before they can be estimated), ``reason`` one of None, "nonfinite", "gain",
+    "budget", "max_rounds".
+    """
+
+    rounds: int
+    mode: str
+    noise: float | None
+    warmup: int
+    nonfinite: str
+    extend: bool
+    max_rounds: int
+    initial_rounds: int
+    round: int = 0
+    values: tuple = ()
+    failed: int = 0
+    best: float | None = None
+    best_round: int | None = None
+    improved: bool = False
+    gain: float | None = None
+    floor: float | None = None
+    stopped: bool = False
+    reason: str | None = None
+
+    @property
+    def streak(self) -> int:
+        """Rounds since the best (what ``stopping`` calls the streak, for logs and plots)."""
+        return self.round if self.best_round is None else self.round - 1 - self.best_round
+
+    @property
+    def patience(self) -> None:
+        """No patience: the rule has none (``stopping.State`` compatibility for records)."""
+        return None
+
+    @property
+    def r(self) -> None:
+        """No random draw: the rule is deterministic (``stopping.State`` compatibility)."""
+        return None
+
+    def to_dict(self) -> dict:
+        """Returns the state as a dict that ``json.dumps`` accepts even with ``allow_nan=False``."""
+        d = dataclasses.asdict(self)
+        d["values"] = list(self.values)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> State:
+        """Rebuilds the equal ``State`` from ``to_dict`` output, e.g. after a JSON round trip."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        if set(data) != names:
+            missing, unknown = sorted(names - set(data)), sorted(set(data) - names)
+            raise ValueError(
+                f"State.from_dict needs exactly the State fields; missing {missing}, "
+                f"unknown {unknown}: pass the dict that State.to_dict() wrote."
+            )
+        values = data["values"]
+        _require(
+            isinstance(values, list | tuple) and all(_is_finite(v) for v in values),
+            f"values must be a list of finite real numbers, got {values!r}.",
+        )
+        state = cls(**{**data, "values": tuple(float(v) for v in values)})
+        _check_config(state)
+        return state
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    return _is_real(value) and math.isfinite(value)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_config(s: State) -> None:
+    _require(_is_int(s.initial_rounds) and s.initial_rounds >= 1,
+             f"rounds must be an int >= 1, got {s.initial_rounds!r}.")  # fmt: skip
+    checks = (
+        ("warmup", _is_int(s.warmup) and s.warmup >= 1, "an int >= 1"),
+        ("max_rounds", _is_int(s.max_rounds) and s.max_rounds >= s.initial_rounds,
+         f"an int >= rounds ({s.initial_rounds})"),
+        ("noise", s.noise is None or (_is_finite(s.noise) and s.noise > 0),
+         "None or a finite real number > 0"),
+        ("mode", s.mode in _MODES, f"one of {_MODES}"),
+        ("nonfinite", s.nonfinite in _NONFINITE_POLICIES, f"one of {_NONFINITE_POLICIES}"),
+        ("extend", isinstance(s.extend, bool), "True or False"),
+    )  # fmt: skip
+    for name, ok, allowed in checks:
+        _require(ok, f"{name} must be {allowed}, got {getattr(s, name)!r}.")
+
+
+def init(
+    rounds: int,
+    *,
+    mode: str = "max",
+    noise: float | None = None,
+    warmup: int = 3,
+    nonfinite: str = "worse",
+    extend: bool = True,
+    max_rounds: int | None = None,
+) -> State:
+    """Starts a gain state; the rule is in the module docstring. The defaults need no tuning.
+
+    Args:
+        rounds: the budget, an int >= 1: the horizon of the expected gain.
+        mode: "max" (higher is better) or "min".
+        noise: the noise floor (> 0), e.g. the standard error of the metric; None: estimated.
+        warmup: the fewest rounds (>= 1) before a gain stop.
+        nonfinite: "worse" (NaN/inf counts as a round below the best) or "stop".
+        extend: whether the budget grows while the next round alone still clears the floor.
+        max_rounds: the hard cap on the budget, >= ``rounds``; default ``2 * rounds``.
+
+    Returns:
+        The state before the first round.
+    """
+    as_int = lambda v: int(v) if _is_int(v) else v  # noqa: E731
+    rounds, warmup, max_rounds = as_int(rounds), as_int(warmup), as_int(max_rounds)
+    state = State(
+        rounds=rounds,
+        mode=mode,
+        noise=float(noise) if _is_real(noise) else noise,
+        warmup=warmup,
+        nonfinite=nonfinite,
+        extend=extend,
+        max_rounds=2 * rounds if max_rounds is None and _is_int(rounds) else max_rounds,
+        initial_rounds=rounds,
+    )
+    _check_config(state)
+    return state
+
+
+def _grid(values) -> int | None:
+    """The least common denominator N of values whose sizes are all ``i / N`` in [0, 1], else None.
+
+    Sizes, so that ``-accuracy`` (mode "min") and an error rate are grids too.
+    """
+    n = 1
+    for v in map(abs, values):
+        if v > 1.0:
+            return None
+        q = fractions.Fraction(v).limit_denominator(_MAX_GRID)
+        if abs(v - q.numerator / q.denominator) > 1e-12:
+            return None
+        n = n * q.denominator // math.gcd(n, q.denominator)
+        if n > _MAX_GRID:
+            return None
+    return n
+
+
+def noise_floor(values, best: float, noise: float | None = None) -> float | None:
+    """The noise floor ``sigma`` of the rule (module docstring), or None with fewer than 2 values.
+
+    Args:
+        values: the finite metrics seen, in any orientation.
+        best: the best of them.
+        noise: the floor, if the user gave one.
+    """
+    if noise is not None:
+        return noise
+    grid = _grid(values)
+    if grid is not None:
+        q = min(1.0, abs(best))
+        return max(math.sqrt(q * (1.0 - q) / grid), 1.0 / grid)
+    gaps = [b - a for a, b in itertools.pairwise(sorted(set(values)))]
+    return min(gaps) if gaps else None
+
+
+def expected_gain(values, draws: int, rounds_left: int) -> float | None:
+    """The expected gain over the best of ``rounds_left`` more rounds (mode "max").
+
+    Args:
+        values: the finite metrics seen so far, oriented so that higher is better.
+        draws: the rounds seen so far (``len(values)`` plus the non-finite ones).
+        rounds_left: how many more rounds the budget allows, >= 0.
+
+    Returns:
+        ``beta * sum_{j=1..m} (1 - (1 - p)**j) / j`` under the exponential tail fitted to the
+        ``ceil(sqrt(draws))`` best values; 0.0 if those values are all equal; None if fewer than
+        two values lie in the tail.
+    """
+    ordered = sorted(values, reverse=True)
+    k = min(math.ceil(math.sqrt(draws)), len(ordered) - 1)
+    if k < 1 or rounds_left < 1:
+        return None if k < 1 else 0.0
+    threshold = ordered[k]
+    beta = math.fsum(v - threshold for v in ordered[:k]) / k
+    if beta <= 0.0:
+        return 0.0
+    p = (k / draws) * math.exp(-(ordered[0] - threshold) / beta)
+    return beta * math.fsum((1.0 - (1.0 - p) ** j) / j for j in range(1, rounds_left + 1))
+
+
+def update(state: State, metric: float) -> State:
+    """Judges the round with index ``state.round`` by its metric and returns the new state.
+
+    Args:
+        state: a state that has not stopped.
+        metric: the round's score, a real number (NaN and infinities follow ``nonfinite``).
+
+    Returns:
+        The new state; ``round`` is always one more, and ``stopped``/``reason`` say whether and
+        why the run ends here.
+    """
+    if state.stopped:
+        raise StoppedError(
+            f"the gain state stopped at round {state.round} ({state.reason}); "
+            "start a new one with gain.init(...)."
+        )
+    if not _is_real(metric):
+        raise TypeError(f"metric must be a real number (int or float), got {metric!r}.")
+    try:
+        value = float(metric)
+    except OverflowError:  # an int too large for binary64 is an infinity in effect
+        value = math.inf if metric > 0 else -math.inf
+    round_index, finite = state.round, math.isfinite(value)
+    if not finite and state.nonfinite == "stop":
+        return dataclasses.replace(
+            state, round=round_index + 1, improved=False, stopped=True, reason="nonfinite"
+        )
+    sign = 1.0 if state.mode == "max" else -1.0
+    improved = finite and (state.best is None or sign * value > sign * state.best)
+    state = dataclasses.replace(
+        state,
+        round=round_index + 1,
+        values=(*state.values, value) if finite else state.values,
+        failed=state.failed + (not finite),
+        best=value if improved else state.best,
+        best_round=round_index if improved else state.best_round,
+        improved=improved,
+    )
+    oriented = [sign * v for v in state.values]
+    floor = None if state.best is None else noise_floor(oriented, sign * state.best, state.noise)
+    gain = expected_gain(oriented, state.round, state.rounds - state.round)
+    state = dataclasses.replace(state, gain=gain, floor=floor)
+    rounds = state.rounds
+    judged = gain is not None and floor is not None and state.round >= state.warmup
+    if judged and state.round < rounds and gain < floor:
+        return dataclasses.replace(state, stopped=True, reason="gain")
+    if state.extend and state.round >= rounds and rounds < state.max_rounds and floor is not None:
+        next_gain = expected_gain(oriented, state.round, 1)
+        if next_gain is not None and next_gain >= floor:
+            rounds += 1
+    if state.round >= rounds:
+        reason = "max_rounds" if state.round >= state.max_rounds else "budget"
+        return dataclasses.replace(state, rounds=rounds, stopped=True, reason=reason)
+    return dataclasses.replace(state, rounds=rounds)

@@ -1,0 +1,132 @@
+"""``--config.tolerance.rule=gain`` end to end in real processes: summary, plot, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jaxes import gain, workdir
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = f"--config={ROOT / 'configs' / 'digits.py'}:smoke"
+GAIN = "--config.tolerance.rule=gain"
+
+
+def _cmd(path, data_dir):
+    return [sys.executable, "-m", "jaxes.main", SMOKE, GAIN, f"--workdir={path}",
+            f"--config.data_dir={data_dir}"]  # fmt: skip
+
+
+def _env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+
+
+def _run(path, data_dir):
+    proc = subprocess.run(_cmd(path, data_dir), env=_env(), capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def _committed_rounds(path) -> int:
+    try:
+        return json.loads((Path(path) / "checkpoints" / "resume_state.json").read_text())[
+            "next_round"
+        ]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def _without_wall(path):
+    summary = workdir.read_summary(path)
+    summary.pop("wall_seconds")
+    rounds = [
+        {k: v for k, v in r.items() if k != "wall_seconds"} for r in workdir.read_rounds(path)
+    ]
+    return summary, rounds
+
+
+@pytest.fixture(scope="module")
+def gain_run(tmp_path_factory, digits_data_dir):
+    path = tmp_path_factory.mktemp("gain_run")
+    _run(path, digits_data_dir)
+    return path
+
+
+def test_a_gain_run_writes_its_summary_plot_and_records(gain_run):
+    summary = workdir.read_summary(gain_run)
+    assert summary["rule"] == "gain"
+    assert summary["patience"] is None and summary["r"] is None
+    assert summary["stop_reason"] in ("gain", "budget", "max_rounds")
+    assert (gain_run / "rounds.png").stat().st_size > 10_000
+    records = workdir.read_rounds(gain_run)
+    assert len(records) == summary["rounds_run"]
+    # The records replay the rule: the same metrics through gain give the same estimates.
+    state = gain.init(4)  # configs/digits.py:smoke: rounds 4, defaults otherwise
+    for record in records:
+        state = gain.update(state, record["metric"])
+        assert (record["expected_gain"], record["noise_floor"]) == (state.gain, state.floor)
+        assert (record["rounds_budget"], record["stopped"]) == (state.rounds, state.stopped)
+    assert state.reason == summary["stop_reason"]
+    assert state.best_round == summary["best_round"]
+    resume = json.loads((gain_run / "checkpoints" / "resume_state.json").read_text())
+    assert gain.State.from_dict(resume["tolerance"]) == state
+
+
+def test_a_gain_run_resumes_after_sigkill_to_the_same_result(gain_run, tmp_path, digits_data_dir):
+    proc = subprocess.Popen(_cmd(tmp_path, digits_data_dir), env=_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    try:
+        while _committed_rounds(tmp_path) < 2:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "timed out waiting to kill the run"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "summary.json").exists()
+    _run(tmp_path, digits_data_dir)
+    assert _without_wall(tmp_path) == _without_wall(gain_run)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("rule", "bogus", "config.tolerance.rule: must be one of ['gain', 'patent']"),
+        ("gain.noise", -1.0, "config.tolerance.gain.noise: noise must be None or a finite"),
+        ("gain.warmup", 0, "config.tolerance.gain.warmup: warmup must be an int >= 1"),
+        ("max_rounds", 2, "config.tolerance.max_rounds: max_rounds must be an int >= rounds"),
+    ],
+)
+def test_bad_gain_config_names_the_field(field, value, needle):
+    import runpy
+
+    from jaxes import runconfig
+
+    config = runpy.run_path(str(ROOT / "configs" / "digits.py"))["get_config"]("smoke")
+    config.tolerance.rule = "gain"
+    section, _, name = f"tolerance.{field}".rpartition(".")
+    target = config
+    for part in section.split("."):
+        target = target[part]
+    target[name] = value
+    with pytest.raises(runconfig.ConfigError) as info:
+        runconfig.check_config(config)
+    assert str(info.value).startswith(needle)
+
+
+def test_an_unknown_rule_exits_2_with_one_sentence(tmp_path, digits_data_dir):
+    cmd = [*_cmd(tmp_path / "w", digits_data_dir), "--config.tolerance.rule=gains"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "config.tolerance.rule: must be one of ['gain', 'patent'], got 'gains'." in proc.stderr
+    assert not (tmp_path / "w").exists()
