@@ -134,9 +134,8 @@ def run_records(make_records, run_metrics):
 
 
 def _comparable(path) -> dict:
-    summary = workdir.read_summary(path)
-    summary.pop("wall_seconds")
-    return summary
+    """A run's summary without its timings (``wall_seconds``, ``knn_seconds``, ...)."""
+    return {k: v for k, v in workdir.read_summary(path).items() if not k.endswith("_seconds")}
 
 
 def _best_params(path):

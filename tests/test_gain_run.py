@@ -45,8 +45,7 @@ def _committed_rounds(path) -> int:
 
 
 def _without_wall(path):
-    summary = workdir.read_summary(path)
-    summary.pop("wall_seconds")
+    summary = {k: v for k, v in workdir.read_summary(path).items() if not k.endswith("_seconds")}
     rounds = [
         {k: v for k, v in r.items() if k != "wall_seconds"} for r in workdir.read_rounds(path)
     ]
