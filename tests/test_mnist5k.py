@@ -74,11 +74,11 @@ class Mnist(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         pixels, labels = mnist5k.read_csv(mnist5k.csv_path())
         order = np.random.default_rng(0).permutation(len(labels))
         return {
-            "train": self._generate(pixels, labels, order[:400]),
-            "test": self._generate(pixels, labels, order[400:500]),
+            "train": self._generate_examples(pixels, labels, order[:400]),
+            "test": self._generate_examples(pixels, labels, order[400:500]),
         }
 
-    def _generate(self, pixels, labels, indices):
+    def _generate_examples(self, pixels, labels, indices):
         for index in map(int, indices):
             image = Image.fromarray(pixels[index, :, :, 0], mode="L")  # PIL encodes the PNG
             yield index, {"image": image, "label": int(labels[index])}
