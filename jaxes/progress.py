@@ -34,7 +34,10 @@ def plural(count: int, word: str) -> str:
 
 
 def _patience_text(patience: Any, r: Any) -> str:
-    """``7 (r = -0.3260)`` for a drawn patience, ``5 (fixed patience)`` for a fixed one."""
+    """``7 (r = -0.3260)`` for a drawn patience, ``5 (fixed patience)`` for a fixed one, and
+    ``none (the gain rule)`` when a value-aware rule ends the rounds."""
+    if patience is None:
+        return "none (the gain rule decides from the metric values)"
     return f"{patience} ({'fixed patience' if r is None else f'r = {fmt(r)}'})"
 
 
