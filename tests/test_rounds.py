@@ -138,6 +138,8 @@ def test_rounds_jsonl_replays_the_stop(reference):
     config = json.loads((reference / "config.json").read_text())
     tol = dict(config["tolerance"])
     assert tol.pop("r") is None and tol.pop("patience") is None, "smoke must draw r from its seed"
+    assert tol.pop("rule") == "patent" and summary["rule"] == "patent"
+    tol.pop("gain")  # the gain rule's own fields
     state = stopping.init(config["rounds"], r=summary["r"], mode=config["mode"], **tol)
     assert state.patience == summary["patience"]
     for record in workdir.read_rounds(reference):
