@@ -31,7 +31,7 @@ JSONScalar = str | int | float | bool | None
 Space = Mapping[str, Sequence[JSONScalar]]
 
 
-# Named streams of a propose key (DESIGN.md §4: fold_in with constants, never call order).
+# Named streams of a propose key (docs/design.md §4: fold_in with constants, never call order).
 _SAMPLE, _FALLBACK, _TOURNAMENT, _FIELD, _VALUE = 1, 2, 3, 4, 5
 
 
