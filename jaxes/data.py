@@ -17,7 +17,8 @@ and ``Image`` data sets decode with PIL, also without TF.
 
 Public data sets (mnist, cifar10, ...) are downloaded once, which may need TensorFlow::
 
-    .venv/bin/pip install -e '.[prepare]' && .venv/bin/python -m jaxes.data prepare mnist --data_dir=DIR
+    .venv/bin/pip install -e '.[prepare]'
+    .venv/bin/python -m jaxes.data prepare mnist --data_dir=DIR
 """
 
 from __future__ import annotations
