@@ -292,7 +292,7 @@ def _metric_to_float(metric) -> float:
     try:
         return float(metric)
     except OverflowError:  # an int too large for binary64 is an infinity in effect
-        return math.copysign(math.inf, metric)
+        return math.inf if metric > 0 else -math.inf  # copysign would overflow converting it
 
 
 def update(state: State, metric: float) -> State:

@@ -368,3 +368,10 @@ def test_extension_keeps_the_tolerance_window_open(kwargs, sequence):
             window = min(state.patience, state.max_rounds - state.round)
             assert state.rounds - state.round >= window
             assert state.rounds <= state.max_rounds
+
+
+def test_an_int_too_large_for_a_float_counts_as_an_infinity():
+    state = stopping.update(stopping.init(rounds=5, patience=2), 0.5)
+    for huge in (10**400, -(10**400)):
+        after = stopping.update(state, huge)  # non-finite: never the best, below it
+        assert after.best == 0.5 and after.streak == 1 and not after.improved
