@@ -84,7 +84,7 @@ def train_sequence(config, workdir: Path) -> dict:
       every round that set a new validation best, keyed by the round index as a string.
     """
     from jaxes import data as data_lib
-    from jaxes import infer, keys, models, rounds, sharding
+    from jaxes import infer, keys, rounds, runconfig, sharding
     from jaxes import train as train_lib
     from jaxes import workdir as workdir_lib
 
@@ -102,17 +102,21 @@ def train_sequence(config, workdir: Path) -> dict:
     mesh = sharding.make_mesh()
     root = keys.root(config.seed)
     test = {}
+    # The run's own engine settings (its space's buckets), so a round retrains bit for bit.
+    engine = train_lib.Engine(
+        data,
+        config.train,
+        mesh=mesh,
+        space=runconfig.make_strategy(config).space,
+        pad_backbones=tuple(config.parallel.pad_backbones),
+    )
     for record in records:
         if not record["improved"]:
             continue
         t = record["round_index"]
-        result = train_lib.to_convergence(
-            models.Arch.from_dict(record["arch"]),
-            data,
-            keys.round_key(root, t),
-            config.train,
-            mesh=mesh,
-        )
+        arch, learning_rate, weight_decay = runconfig.split_choice(record["arch"], config.train)
+        job = train_lib.Job(arch, keys.round_key(root, t), learning_rate, weight_decay)
+        result = engine.train([job])[0]
         if result.metrics[config.metric] != record["metric"]:
             raise RuntimeError(
                 f"{workdir}: round {t} retrained to {config.metric} "

@@ -275,6 +275,8 @@ def test_resuming_on_a_changed_folder_is_refused(folder_run, mnist_folder, tmp_p
     workdir, data_dir = folder_run
     copy = tmp_path / "run"
     shutil.copytree(workdir, copy)
+    # Unfinished, so the run really resumes (a finished run only prints its summary).
+    (copy / "summary.json").unlink()
     recorded = json.loads((copy / "data.json").read_text())
     (copy / "data.json").write_text(json.dumps({**recorded, "fingerprint": "0123456789abcdef"}))
     proc = run_cli(
