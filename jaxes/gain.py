@@ -34,7 +34,7 @@ import itertools
 import math
 import numbers
 
-from jaxes.stopping import StoppedError
+from jaxes.stopping import StoppedError, is_finite, is_real, metric_to_float
 
 __all__ = ["State", "StoppedError", "expected_gain", "init", "noise_floor", "update"]
 
@@ -109,7 +109,7 @@ class State:
             )
         values = data["values"]
         _require(
-            isinstance(values, list | tuple) and all(_is_finite(v) for v in values),
+            isinstance(values, list | tuple) and all(is_finite(v) for v in values),
             f"values must be a list of finite real numbers, got {values!r}.",
         )
         state = cls(**{**data, "values": tuple(float(v) for v in values)})
@@ -119,14 +119,6 @@ class State:
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_finite(value) -> bool:
-    return _is_real(value) and math.isfinite(value)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -141,7 +133,7 @@ def _check_config(s: State) -> None:
         ("warmup", _is_int(s.warmup) and s.warmup >= 1, "an int >= 1"),
         ("max_rounds", _is_int(s.max_rounds) and s.max_rounds >= s.initial_rounds,
          f"an int >= rounds ({s.initial_rounds})"),
-        ("noise", s.noise is None or (_is_finite(s.noise) and s.noise > 0),
+        ("noise", s.noise is None or (is_finite(s.noise) and s.noise > 0),
          "None or a finite real number > 0"),
         ("mode", s.mode in _MODES, f"one of {_MODES}"),
         ("nonfinite", s.nonfinite in _NONFINITE_POLICIES, f"one of {_NONFINITE_POLICIES}"),
@@ -180,7 +172,7 @@ def init(
     state = State(
         rounds=rounds,
         mode=mode,
-        noise=float(noise) if _is_real(noise) else noise,
+        noise=float(noise) if is_real(noise) else noise,
         warmup=warmup,
         nonfinite=nonfinite,
         extend=extend,
@@ -268,12 +260,7 @@ def update(state: State, metric: float) -> State:
             f"the gain state stopped at round {state.round} ({state.reason}); "
             "start a new one with gain.init(...)."
         )
-    if not _is_real(metric):
-        raise TypeError(f"metric must be a real number (int or float), got {metric!r}.")
-    try:
-        value = float(metric)
-    except OverflowError:  # an int too large for binary64 is an infinity in effect
-        value = math.inf if metric > 0 else -math.inf
+    value = metric_to_float(metric)
     round_index, finite = state.round, math.isfinite(value)
     if not finite and state.nonfinite == "stop":
         return dataclasses.replace(

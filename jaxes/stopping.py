@@ -115,12 +115,13 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value) -> bool:
+def is_real(value) -> bool:
+    """A real number that is not a bool (shared with ``gain``)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _is_finite(value) -> bool:
-    return _is_real(value) and math.isfinite(value)
+def is_finite(value) -> bool:
+    return is_real(value) and math.isfinite(value)
 
 
 def _require(condition: bool, argument: str, message: str) -> None:
@@ -133,11 +134,11 @@ def _check_rounds_ratio_r(rounds, ratio, r) -> None:
         _is_int(rounds) and rounds >= 1, "rounds", f"rounds must be an int >= 1, got {rounds!r}."
     )
     _require(
-        _is_real(ratio) and 0 < ratio <= 1,
+        is_real(ratio) and 0 < ratio <= 1,
         "ratio",
         f"ratio must be a real number in (0, 1] (the patent uses [0.7, 0.9]), got {ratio!r}.",
     )
-    _require(_is_finite(r) and r <= 0, "r", f"r must be a finite real number <= 0, got {r!r}.")
+    _require(is_finite(r) and r <= 0, "r", f"r must be a finite real number <= 0, got {r!r}.")
 
 
 def _check_config(state: State) -> None:
@@ -155,10 +156,10 @@ def _check_config(state: State) -> None:
             f"an int >= rounds ({s.initial_rounds})",
         ),
         ("seed", s.seed is None or _is_int(s.seed), "an int or None"),
-        ("min_delta", _is_finite(s.min_delta) and s.min_delta >= 0, f"{finite} >= 0"),
-        ("min_rel_delta", _is_finite(s.min_rel_delta) and s.min_rel_delta >= 0, f"{finite} >= 0"),
-        ("baseline", s.baseline is None or _is_finite(s.baseline), f"None or {finite}"),
-        ("target", s.target is None or _is_finite(s.target), f"None or {finite}"),
+        ("min_delta", is_finite(s.min_delta) and s.min_delta >= 0, f"{finite} >= 0"),
+        ("min_rel_delta", is_finite(s.min_rel_delta) and s.min_rel_delta >= 0, f"{finite} >= 0"),
+        ("baseline", s.baseline is None or is_finite(s.baseline), f"None or {finite}"),
+        ("target", s.target is None or is_finite(s.target), f"None or {finite}"),
         ("mode", s.mode in _MODES, f"one of {_MODES}"),
         ("nonfinite", s.nonfinite in _NONFINITE_POLICIES, f"one of {_NONFINITE_POLICIES}"),
         ("ties_reset", isinstance(s.ties_reset, bool), "True or False"),
@@ -283,11 +284,12 @@ def _to_int(value):
 
 
 def _to_float(value):
-    return float(value) if _is_real(value) else value
+    return float(value) if is_real(value) else value
 
 
-def _metric_to_float(metric) -> float:
-    if not _is_real(metric):
+def metric_to_float(metric) -> float:
+    """A metric as binary64 (an int too large is an infinity); TypeError if not a real number."""
+    if not is_real(metric):
         raise TypeError(f"metric must be a real number (int or float), got {metric!r}.")
     try:
         return float(metric)
@@ -311,7 +313,7 @@ def update(state: State, metric: float) -> State:
             f"the tolerance state stopped at round {state.round} ({state.reason}); "
             "start a new one with stopping.init(...)."
         )
-    value = _metric_to_float(metric)
+    value = metric_to_float(metric)
     round_index = state.round
     finite = math.isfinite(value)
     if not finite and state.nonfinite == "stop":

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from jaxes import gain, workdir
+from tests.test_rounds import _run_killed
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = f"--config={ROOT / 'configs' / 'digits.py'}:smoke"
@@ -80,18 +79,8 @@ def test_a_gain_run_writes_its_summary_plot_and_records(gain_run):
 
 
 def test_a_gain_run_resumes_after_sigkill_to_the_same_result(gain_run, tmp_path, digits_data_dir):
-    proc = subprocess.Popen(_cmd(tmp_path, digits_data_dir), env=_env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 300
-    try:
-        while _committed_rounds(tmp_path) < 2:
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "timed out waiting to kill the run"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    ready = lambda path: _committed_rounds(path) >= 2  # noqa: E731
+    _run_killed(tmp_path, digits_data_dir, ready, cmd=_cmd(tmp_path, digits_data_dir))
     assert not (tmp_path / "summary.json").exists()
     _run(tmp_path, digits_data_dir)
     assert _without_wall(tmp_path) == _without_wall(gain_run)

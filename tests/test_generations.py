@@ -20,8 +20,8 @@ from tests.test_rounds import (
     _cmd,
     _committed_rounds,
     _env,
-    _free_port,
     _run_killed,
+    _run_two_processes,
 )
 
 
@@ -163,28 +163,7 @@ def test_k4_on_eight_devices_agrees_with_k4_on_one(tmp_path, digits_data_dir):
 
 
 def test_two_gloo_processes_at_k2_match_one_process(k2_reference, tmp_path, digits_data_dir):
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            _cmd(
-                tmp_path,
-                digits_data_dir,
-                "--config.parallel.rounds=2",
-                f"--coordinator=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ),
-            env=_env(),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, f"{out}\n{err[-3000:]}"
+    _run_two_processes(tmp_path, digits_data_dir, "--config.parallel.rounds=2")
     # Two processes, one device each: the mesh is (2, 1), one instance per process.
     one, two = _per_round(k2_reference), _per_round(tmp_path)
     assert len(one) == len(two)

@@ -157,13 +157,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(reference, tmp_path, digits_data_dir):
+def _run_two_processes(workdir_path, data_dir, *extra, timeout=600) -> list[tuple[str, str]]:
+    """The smoke run as two gloo processes on localhost; their (stdout, stderr), both exit 0."""
     port = _free_port()
     procs = [
         subprocess.Popen(
             _cmd(
-                tmp_path,
-                digits_data_dir,
+                workdir_path,
+                data_dir,
+                *extra,
                 f"--coordinator=127.0.0.1:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
@@ -176,9 +178,14 @@ def test_two_processes_match_one(reference, tmp_path, digits_data_dir):
         )
         for i in range(2)
     ]
-    outputs = [p.communicate(timeout=300) for p in procs]
+    outputs = [p.communicate(timeout=timeout) for p in procs]
     for p, (out, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, f"{out}\n{err}"
+        assert p.returncode == 0, f"{out}\n{err[-3000:]}"
+    return outputs
+
+
+def test_two_processes_match_one(reference, tmp_path, digits_data_dir):
+    outputs = _run_two_processes(tmp_path, digits_data_dir)
     one, two = workdir.read_summary(reference), workdir.read_summary(tmp_path)
     assert two["best_round"] == one["best_round"]
     assert abs(two["best_metric"] - one["best_metric"]) <= 1e-3
