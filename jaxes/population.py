@@ -43,7 +43,6 @@ class Static:
     patience: int
     min_delta: float
     eval_batch_size: int
-    num_validation: int
 
 
 def patience_rule(best, streak, epoch, loss, *, patience, min_delta, max_epochs):

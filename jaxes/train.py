@@ -179,7 +179,6 @@ class Engine:
             patience=c.patience,
             min_delta=float(c.min_delta),
             eval_batch_size=eval_batch,
-            num_validation=len(self.data.validation.labels),
         )
 
     def _on_device(self, eval_batch: int):
