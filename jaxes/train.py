@@ -198,7 +198,10 @@ class Engine:
             spec = self.data.spec
             graphdef = steps.graph_of(bucket, spec.shape, spec.num_classes)
             init = population.init_program(bucket, spec.shape, spec.num_classes, self.mesh)
-            run = population.program(graphdef, st, self.mesh, self._report)
+            # No callback without a listener: a host callback keeps a program out of the
+            # persistent compilation cache, so a rerun would compile it again.
+            report = None if self.on_epoch is None else self._report
+            run = population.program(graphdef, st, self.mesh, report)
             self.programs[key] = (graphdef, init, run)
             self.compiles += 1
         return self.programs[key]

@@ -1,13 +1,16 @@
 """Session setup shared by the test modules.
 
-* JAX runs on the CPU, and every process of the session (this one and the CLI subprocesses,
-  which inherit the environment) shares one fresh persistent compilation cache: the many
-  short runs of the end-to-end tests compile each program once. A cached executable is the
-  same program, so bitwise-reproducibility tests still compare like with like.
-* One prepared digits data dir per session.
+* JAX runs on the CPU, and every process of the session (this one, the pytest-xdist workers
+  and the CLI subprocesses, which all inherit the environment) shares one fresh persistent
+  compilation cache: the many short runs of the end-to-end tests compile each program once.
+  A cached executable is the same program, so bitwise-reproducibility tests still compare like
+  with like.
+* One prepared digits data dir and one finished smoke run per session, shared by the xdist
+  workers through a file lock (``shared``): the first worker to ask makes it.
 * Round records of a small made-up run, for the plot, TensorBoard and progress tests.
 """
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -32,15 +35,35 @@ SMOKE_CONFIG = f"--config={ROOT / 'configs' / 'digits.py'}:smoke"
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+    # The controller (or a run without xdist) made the cache; its workers share it.
+    if not hasattr(session.config, "workerinput"):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+def shared(tmp_path_factory, name: str, make) -> Path:
+    """The directory ``name`` made once per session by ``make(path)``, whichever worker asks first.
+
+    Under pytest-xdist every worker has its own base temp dir below one common parent; the lock
+    there makes the others wait for the first and then reuse its result.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            make(path)
+            done.touch()
+    return path
 
 
 @pytest.fixture(scope="session")
 def digits_data_dir(tmp_path_factory):
     """A TFDS data dir where digits is prepared once for the whole session."""
-    data_dir = tmp_path_factory.mktemp("tfds_digits")
-    data.load("digits", data_dir)
-    return data_dir
+    return shared(tmp_path_factory, "tfds_digits", lambda path: data.load("digits", path))
 
 
 @pytest.fixture(scope="session")
@@ -52,12 +75,14 @@ def digits(digits_data_dir):
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory, digits_data_dir) -> Path:
     """One finished `configs/digits.py:smoke` run (read-only), made by the real CLI."""
-    path = tmp_path_factory.mktemp("smoke_run")
-    cmd = [sys.executable, "-m", "jaxes.main", SMOKE_CONFIG, f"--workdir={path}"]
-    cmd.append(f"--config.data_dir={digits_data_dir}")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
-    return path
+
+    def make(path):
+        cmd = [sys.executable, "-m", "jaxes.main", SMOKE_CONFIG, f"--workdir={path}"]
+        cmd.append(f"--config.data_dir={digits_data_dir}")
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+
+    return shared(tmp_path_factory, "smoke_run", make)
 
 
 def _round_records(metrics, *, patience=3, budget=6):

@@ -272,3 +272,21 @@ def test_eight_device_step_matches_one_device_step(digits, tmp_path):
         np.max(np.abs(arrays[f"devices1_{i}"] - arrays[f"start_{i}"])) for i in range(count)
     )
     assert moved > 1e-4
+
+
+def test_without_a_listener_a_fresh_engine_reuses_the_cached_round_program(digits):
+    # A host callback keeps a program out of the persistent compilation cache (the session's,
+    # see conftest), so one may be traced in only when someone listens to the epochs.
+    config = _train_config()
+    config.max_epochs = 1
+    job = train.Job(models.Arch("mlp", 1, 24, 8), jax.random.key(0), 1e-3, 1e-4)
+    missed = {}
+    for listener in (None, lambda *args: None):
+        train.Engine(digits, config, on_epoch=listener).train([job])  # fills the cache
+        with _TraceCounter() as counter:
+            train.Engine(digits, config, on_epoch=listener).train([job])
+        requests = [name for name in counter.compiles if name != "cache hit"]
+        missed[listener is None] = len(requests) - counter.compiles.count("cache hit")
+        assert "jit(fn)" in requests  # the round program was asked for
+    assert missed[True] == 0
+    assert missed[False] == 1  # with a listener, the round program compiles every time
