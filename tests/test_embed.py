@@ -1,9 +1,15 @@
-"""``python -m jaxes.embed`` in real processes: a split, image files of other sizes and modes,
-and one sentence with exit 2 for every kind of bad input."""
+"""``python -m jaxes.embed``: a split, image files of other sizes and modes, and one sentence with
+exit 2 for every kind of bad input.
+
+One scenario runs as a real process (the ``-m`` entry point); the others call the same
+``main(argv)`` in this process, where a process would add only JAX's start-up.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -14,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxes import images, infer, workdir
+from jaxes import embed, images, infer, workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -26,6 +32,17 @@ def start_embed(*args) -> subprocess.Popen:
     return subprocess.Popen(
         cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
     )
+
+
+def embed_here(*args) -> subprocess.CompletedProcess:
+    """``python -m jaxes.embed ARGS`` through its ``main`` in this process."""
+    argv, out, err = [str(a) for a in args], io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = embed.main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+    return subprocess.CompletedProcess(["jaxes.embed", *argv], code, out.getvalue(), err.getvalue())
 
 
 def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
@@ -87,8 +104,8 @@ def _folder(root: Path, image_root: Path, bad_kinds) -> Path:
 
 @pytest.fixture(scope="module")
 def cli(smoke_run, image_root, tmp_path_factory):
-    """Every command of this module, as concurrent processes (each spends most of its time
-    importing JAX, so together they take about half as long on 2 cores).
+    """Every command of this module: the ``test`` split as a real process, and meanwhile the
+    other scenarios through ``main`` in this process.
 
     Returns:
       name -> (CompletedProcess, out path, extra), with the name of each scenario.
@@ -112,11 +129,18 @@ def cli(smoke_run, image_root, tmp_path_factory):
     for kind in BAD:
         scenarios[kind] = (smoke_run, f"--images={_folder(base / kind, image_root, [kind])}")
     before = sorted(unfinished.rglob("*"))
-    procs = {
-        name: start_embed(f"--workdir={workdir_path}", *args, f"--out={base / name / 'emb.npy'}")
-        for name, (workdir_path, *args) in scenarios.items()
+
+    def argv(name):
+        workdir_path, *args = scenarios[name]
+        return f"--workdir={workdir_path}", *args, f"--out={base / name / 'emb.npy'}"
+
+    real = start_embed(*argv("test"))  # meanwhile, the others in this process
+    results = {
+        name: (embed_here(*argv(name)), base / name / "emb.npy")
+        for name in scenarios
+        if name != "test"
     }
-    results = {name: (finish(proc), base / name / "emb.npy") for name, proc in procs.items()}
+    results["test"] = (finish(real), base / "test" / "emb.npy")
     results["unfinished_unchanged"] = sorted(unfinished.rglob("*")) == before
     return results
 

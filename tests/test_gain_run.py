@@ -1,17 +1,21 @@
-"""``--config.tolerance.rule=gain`` end to end in real processes: summary, plot, resume."""
+"""``--config.tolerance.rule=gain`` end to end through the real CLI: summary, plot, resume.
+
+The run that is SIGKILLed is a real process; the others run in this process (``rounds.run``,
+and the CLI's entry point for a bad flag), where a subprocess would add only JAX's start-up.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from jaxes import gain, workdir
-from tests.test_rounds import _run_killed
+from tests.test_cli import run_cli
+from tests.test_rounds import _committed_rounds, _run_killed
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = f"--config={ROOT / 'configs' / 'digits.py'}:smoke"
@@ -23,24 +27,18 @@ def _cmd(path, data_dir):
             f"--config.data_dir={data_dir}"]  # fmt: skip
 
 
-def _env():
-    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+def _run(path, data_dir) -> dict:
+    """The gain smoke run in this process (as test_rounds._run_here)."""
+    from ml_collections.config_flags import config_flags
 
+    from jaxes import rounds
 
-def _run(path, data_dir):
-    proc = subprocess.run(_cmd(path, data_dir), env=_env(), capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)  # fmt: skip
-    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-def _committed_rounds(path) -> int:
-    try:
-        return json.loads((Path(path) / "checkpoints" / "resume_state.json").read_text())[
-            "next_round"
-        ]
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
+    config = config_flags.ConfigFileFlagParser("config").parse(SMOKE.split("=", 1)[1])
+    with config.unlocked():
+        config.data_dir = str(data_dir)
+        config.tolerance.rule = "gain"
+    with open(os.devnull, "w") as quiet:
+        return rounds.run(config, path, stream=quiet)
 
 
 def _without_wall(path):
@@ -112,9 +110,9 @@ def test_bad_gain_config_names_the_field(field, value, needle):
     assert str(info.value).startswith(needle)
 
 
-def test_an_unknown_rule_exits_2_with_one_sentence(tmp_path, digits_data_dir):
-    cmd = [*_cmd(tmp_path / "w", digits_data_dir), "--config.tolerance.rule=gains"]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 2
-    assert "config.tolerance.rule: must be one of ['gain', 'patent'], got 'gains'." in proc.stderr
+def test_an_unknown_rule_exits_2_with_one_sentence(capsys, tmp_path, digits_data_dir):
+    argv = [*_cmd(tmp_path / "w", digits_data_dir)[3:], "--config.tolerance.rule=gains"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert "config.tolerance.rule: must be one of ['gain', 'patent'], got 'gains'." in err
     assert not (tmp_path / "w").exists()
