@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import importlib
+import io
 import json
 import os
 import re
@@ -29,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = f"--config={ROOT / 'configs' / 'digits.py'}:smoke"
 
 
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    """Runs ``python -m jaxes.main ARGV`` in this process; returns (exit code, stdout, stderr)."""
+def _main_here(argv) -> int:
+    """``python -m jaxes.main ARGV`` in this process; returns its exit code."""
     flags.FLAGS.unparse_flags()
     for name in [name for name in flags.FLAGS if name.startswith("config.")]:
         delattr(flags.FLAGS, name)  # the last parse's --config.FIELD override flags
@@ -42,8 +44,29 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
         code = exit_.code or 0
     finally:
         sys.argv = saved_argv
+    return code
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """Runs ``python -m jaxes.main ARGV`` in this process; returns (exit code, stdout, stderr)."""
+    code = _main_here(argv)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def run_module(module: str, *args) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` (a jaxes command) through its ``main`` in this process."""
+    argv, out, err = [str(a) for a in args], io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        if module == "jaxes.main":
+            code = _main_here(argv)
+        else:
+            command = importlib.import_module("jaxes.prepare" if module == "jaxes.data" else module)
+            try:
+                code = command.main(argv)
+            except SystemExit as exit_:
+                code = exit_.code or 0
+    return subprocess.CompletedProcess([module, *argv], code, out.getvalue(), err.getvalue())
 
 
 def smoke(path, data_dir, *extra) -> list[str]:
@@ -190,7 +213,8 @@ def test_a_finished_run_says_so_prints_its_summary_and_writes_nothing(
 def test_more_rounds_than_the_space_holds_warns_and_ends_search_exhausted(
     capsys, tmp_path, digits_data_dir
 ):
-    narrow = ["--config.search.space.width=(16,)", "--config.tolerance.patience=3"]
+    # Width 32 alone: the smoke space's bucket (its largest width), so its programs are cached.
+    narrow = ["--config.search.space.width=(32,)", "--config.tolerance.patience=3"]
     code, _, err = run_cli(capsys, *smoke(tmp_path, digits_data_dir, *narrow))
     assert code == 0, err
     assert err.splitlines()[0] == (

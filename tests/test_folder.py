@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from jaxes import data, folder, images, mnist5k
+from tests.test_cli import run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER_CONFIG = f"--config={ROOT / 'configs' / 'folder.py'}:smoke"
@@ -48,9 +49,17 @@ def write_folder(root: Path, count: int, *, seed: int = 0, size: int = 28) -> di
 
 
 def run_cli(*args, timeout=600) -> subprocess.CompletedProcess:
+    """``python ARGS`` as a real process."""
     return subprocess.run(
         [sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT
     )
+
+
+def run_here(*args) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` through the command's ``main`` in this process (a process would
+    add only JAX's start-up)."""
+    assert args[0] == "-m"
+    return run_module(*args[1:])
 
 
 def one_sentence(proc: subprocess.CompletedProcess) -> str:
@@ -186,7 +195,7 @@ def _bad_file(root):
 def test_bad_folders_exit_2_with_one_sentence_and_leave_nothing(tmp_path, make, needle):
     root, data_dir = tmp_path / "images", tmp_path / "tfds"
     make(root)
-    proc = run_cli(
+    proc = run_here(
         "-m", "jaxes.data", "prepare", "folder", f"--path={root}", f"--data_dir={data_dir}"
     )
     assert needle in one_sentence(proc)
@@ -196,7 +205,7 @@ def test_bad_folders_exit_2_with_one_sentence_and_leave_nothing(tmp_path, make, 
 def test_fewer_images_than_a_batch_exits_2(tmp_path):
     root = tmp_path / "images"
     write_folder(root, 30)
-    proc = run_cli(
+    proc = run_here(
         "-m",
         "jaxes.main",
         FOLDER_CONFIG,
@@ -250,7 +259,7 @@ def test_folder_run_end_to_end_embed_plots_and_export(folder_run, mnist_folder, 
     assert recorded["fingerprint"] == folder.scan(mnist_folder[0]).fingerprint
     assert recorded["class_names"] == [f"digit_{d}" for d in range(10)]
     out = tmp_path / "emb" / "files.npy"
-    proc = run_cli(
+    proc = run_here(
         "-m",
         "jaxes.embed",
         f"--workdir={workdir}",
@@ -264,7 +273,7 @@ def test_folder_run_end_to_end_embed_plots_and_export(folder_run, mnist_folder, 
     for name in ("neighbors.png", "embedding.png"):
         with Image.open(out.parent / name) as image:
             assert image.width > 300 and image.height > 300
-    export = run_cli("-m", "jaxes.export", f"--workdir={workdir}", f"--out={tmp_path / 'x'}")
+    export = run_here("-m", "jaxes.export", f"--workdir={workdir}", f"--out={tmp_path / 'x'}")
     assert export.returncode == 0, export.stderr[-3000:]
     manifest = json.loads((tmp_path / "x" / "manifest.json").read_text())
     assert manifest["class_names"] == recorded["class_names"]
@@ -279,7 +288,7 @@ def test_resuming_on_a_changed_folder_is_refused(folder_run, mnist_folder, tmp_p
     (copy / "summary.json").unlink()
     recorded = json.loads((copy / "data.json").read_text())
     (copy / "data.json").write_text(json.dumps({**recorded, "fingerprint": "0123456789abcdef"}))
-    proc = run_cli(
+    proc = run_here(
         "-m",
         "jaxes.main",
         FOLDER_CONFIG,
@@ -292,7 +301,7 @@ def test_resuming_on_a_changed_folder_is_refused(folder_run, mnist_folder, tmp_p
 
 
 def test_a_path_as_the_dataset_name_exits_2_naming_the_folder_config(tmp_path):
-    proc = run_cli(
+    proc = run_here(
         "-m",
         "jaxes.main",
         f"--config={ROOT / 'configs' / 'digits.py'}:smoke",
@@ -300,7 +309,7 @@ def test_a_path_as_the_dataset_name_exits_2_naming_the_folder_config(tmp_path):
         f"--workdir={tmp_path / 'run'}",
     )
     assert "configs/folder.py" in one_sentence(proc)
-    proc = run_cli(
+    proc = run_here(
         "-m",
         "jaxes.main",
         f"--config={ROOT / 'configs' / 'digits.py'}:smoke",
