@@ -15,6 +15,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from jaxes import data
+from tests.test_cli import run_module
 
 FRACTIONS = {"train": 0.6, "validation": 0.2, "test": 0.2}
 
@@ -261,19 +262,8 @@ def test_cli_prepares_digits_and_reports_failures(digits_dir, tmp_path):
     )
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "Prepared 'digits'" in ok.stdout
-    failed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jaxes.data",
-            "prepare",
-            "no_such_dataset_xyz",
-            f"--data_dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    # The failure through the same main in this process (a process adds only the start-up).
+    failed = run_module("jaxes.data", "prepare", "no_such_dataset_xyz", f"--data_dir={tmp_path}")
     assert failed.returncode == 2
     lines = failed.stderr.strip().splitlines()
     assert len(lines) == 1 and "no_such_dataset_xyz" in lines[0], failed.stderr

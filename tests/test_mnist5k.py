@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from jaxes import data, mnist5k
+from tests.test_cli import run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,13 +89,7 @@ class Mnist(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     importlib.util.find_spec("tensorflow") is not None, reason="with TensorFlow it would download"
 )
 def test_prepare_without_the_extra_names_it(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "jaxes.data", "prepare", "mnist", f"--data_dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
+    proc = run_module("jaxes.data", "prepare", "mnist", f"--data_dir={tmp_path}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("jaxes: ")]
     assert len(lines) == 1 and ".venv/bin/pip install -e '.[prepare]'" in lines[0], proc.stderr
