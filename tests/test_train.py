@@ -88,13 +88,15 @@ def test_one_key_gives_bitwise_identical_parameters(digits):
     config = _train_config()
     config.max_epochs = 3
     key = jax.random.key(5)
+    # Two engines: the second traces and compiles (or loads from the cache) on its own.
     first = train.to_convergence(models.Arch(), digits, key, config)
-    second = train.to_convergence(models.Arch(), digits, key, config)
+    engine = train.Engine(digits, config)
+    second = train.to_convergence(models.Arch(), digits, key, config, engine=engine)
     assert first.history == second.history
     assert first.log_rate == second.log_rate
     for a, b in zip(_leaves(first.state), _leaves(second.state), strict=True):
         np.testing.assert_array_equal(a, b)
-    other = train.to_convergence(models.Arch(), digits, jax.random.key(6), config)
+    other = train.to_convergence(models.Arch(), digits, jax.random.key(6), config, engine=engine)
     pairs = zip(_leaves(first.state), _leaves(other.state), strict=True)
     assert not all(np.array_equal(a, b) for a, b in pairs)
 
