@@ -8,7 +8,8 @@ Variants by argument: `configs/digits.py:smoke` (a seconds-long run for tests).
 On the 2-core CPU dev machine (2026-12-01): ~2 min 30 s cold; 14 rounds (tolerance 7, budget
 extended 12 -> 20, stopped by patience); best instance round 0, CNN depth 2 width 64 embedding 32:
 validation accuracy 0.9805, test accuracy 0.9833, kNN top-1 of its test embeddings 0.9749. The
-smoke variant: ~10-20 s, four rounds (tolerance 2, budget extended 4 -> 5), test accuracy ~0.84.
+smoke variant: ~10-20 s, four rounds (tolerance 2, budget extended 4 -> 5), test accuracy ~0.84,
+kNN computed but no neighbors.png / embedding.png (`--config.plots=True` draws them).
 Every field is declared here with its default; other configs import this one and override.
 """
 
@@ -97,8 +98,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # grows with width squared, so CNNs keep their widths (every backbone pads embed_dim).
     config.parallel.pad_backbones = ("mlp",)
 
-    # After the run: kNN top-1 of test embeddings against train embeddings.
+    # After the run: kNN top-1 of test embeddings against train embeddings, and (with it) the
+    # pictures of the feature extractor, neighbors.png and embedding.png (a few seconds of CPU).
     config.knn = True
+    config.plots = True
 
     if variant == "smoke":
         # r = -0.542: tolerance 2 of 4 rounds; the run extends its budget to 5 and stops by
@@ -112,6 +115,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.search.space.embed_dim = (8, 16)
         config.train.max_epochs = 6
         config.train.patience = 2
+        config.plots = False  # most of a smoke run's time; the tests that look at them ask
     elif variant:
         raise ValueError(f"Unknown variant {variant!r} of configs/digits.py; use '' or 'smoke'.")
     return config

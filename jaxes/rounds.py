@@ -148,7 +148,7 @@ def _finish(config, workdir, data, mesh, tol, stop_reason, records, wall_seconds
                 train_emb, data.train.labels, test_emb, data.test.labels
             )
             summary["knn_seconds"] = time.perf_counter() - knn_start
-            if jax.process_index() == 0:  # neighbors.png and embedding.png
+            if config.plots and jax.process_index() == 0:  # neighbors.png and embedding.png
                 vis.write_plots(workdir, data, train_emb, test_emb)
     if jax.process_index() == 0:
         plot.plot_rounds(
