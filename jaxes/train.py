@@ -198,7 +198,10 @@ class Engine:
             spec = self.data.spec
             graphdef = steps.graph_of(bucket, spec.shape, spec.num_classes)
             init = population.init_program(bucket, spec.shape, spec.num_classes, self.mesh)
-            run = population.program(graphdef, st, self.mesh, self._report)
+            # No callback unless someone listens: a host callback keys the persistent
+            # compilation cache by process, so every new process would recompile.
+            report = self._report if self.on_epoch is not None else None
+            run = population.program(graphdef, st, self.mesh, report)
             self.programs[key] = (graphdef, init, run)
             self.compiles += 1
         return self.programs[key]
