@@ -59,7 +59,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # unused then). noise None: the binomial standard error of the validation accuracy.
     config.tolerance.gain = ml_collections.ConfigDict()
     config.tolerance.gain.noise = config_dict.placeholder(float)
-    config.tolerance.gain.warmup = 3
+    config.tolerance.gain.warmup = config_dict.placeholder(int)  # None: max(3, ceil(rounds / e))
 
     # Architecture search (claim 6): the space and the strategy.
     config.search = ml_collections.ConfigDict()

@@ -63,6 +63,20 @@ def markdown(rows: list[dict], names=None) -> str:
     return "\n".join(lines)
 
 
+def compact(rows: list[dict], names) -> str:
+    """One table for all cells: ``rounds / test regret`` (accuracy points) per rule and cell."""
+    cells = list(dict.fromkeys((r["strategy"], r["budget"]) for r in rows))
+    lines = ["| rule | " + " | ".join(f"{s}, R = {b}" for s, b in cells) + " |",
+             "|---|" + "---|" * len(cells)]  # fmt: skip
+    for name in names:
+        found = {(r["strategy"], r["budget"]): r for r in rows if r["rule"] == name}
+        if not found:
+            continue
+        entries = [f"{found[c]['rounds_mean']:.1f} / {_pct(found[c]['regret'])}" for c in cells]
+        lines.append(f"| {name} | " + " | ".join(entries) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """Rounds used against test regret, one panel per strategy and budget."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -73,7 +87,7 @@ def plot(rows: list[dict], path: Path) -> None:
     axes = fig.subplots(2, max(1, len(cells) // 2), squeeze=False).T.ravel()
     styles = {"patent": ("o", "tab:red"), "optuna": ("s", "tab:purple"),
               "ax": ("D", "tab:brown"), "gain": ("*", "tab:green"), "oracle": ("x", "black"),
-              "full": ("P", "gray")}  # fmt: skip
+              "full": ("P", "gray"), "gain, old default": ("*", "yellowgreen")}  # fmt: skip
     for ax, (strategy, budget) in zip(axes, cells, strict=False):
         these = [r for r in rows if (r["strategy"], r["budget"]) == (strategy, budget)]
         full = next(r for r in these if r["family"] == "full")

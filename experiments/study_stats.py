@@ -63,6 +63,9 @@ def rule_set(budget: int, horizon: int) -> list[Rule]:
         out.append(Rule(f"ax window 5 bar {bar}", "ax",
                         one(lambda v, r, b=bar: rules.ax_improvement(v, r, 5, b))))  # fmt: skip
     out.append(Rule("gain", "gain", one(rules.gain_rule)))
+    # The rule's earlier default (a fixed warmup of 3 rounds), kept in the tables for the record.
+    out.append(Rule("gain warmup 3", "gain, old default",
+                    one(lambda v, r: rules.gain_rule(v, r, warmup=3))))  # fmt: skip
     return out
 
 

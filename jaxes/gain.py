@@ -21,7 +21,10 @@ otherwise, for values on a grid ``i / N`` in [0, 1] (an accuracy on ``N`` exampl
 least common denominator of the values), the binomial standard error
 ``sqrt(q * (1 - q) / N)`` at ``q = |b|``, at least ``1 / N``; otherwise the smallest gap between
 two distinct values seen (pass ``noise`` for a continuous metric). No stop comes before ``warmup``
-rounds (default 3: a tail needs two values above its threshold). When the budget is spent, it
+rounds, by default ``max(3, ceil(rounds / e))``: a tail needs two values above its threshold, and
+the observation phase of the classic best-choice problem (Lindley 1961; Ferguson 1989, "Who solved
+the secretary problem?") looks at the first ``1/e`` of the draws before it commits, since a tail
+fitted to a few rounds says little about the best of many more. When the budget is spent, it
 extends one round at a time, up to ``max_rounds`` (default ``2 * rounds``), while the next round
 alone is still expected to gain ``sigma`` (``extend``, default True): the search is still climbing.
 """
@@ -148,7 +151,7 @@ def init(
     *,
     mode: str = "max",
     noise: float | None = None,
-    warmup: int = 3,
+    warmup: int | None = None,
     nonfinite: str = "worse",
     extend: bool = True,
     max_rounds: int | None = None,
@@ -159,7 +162,8 @@ def init(
         rounds: the budget, an int >= 1: the horizon of the expected gain.
         mode: "max" (higher is better) or "min".
         noise: the noise floor (> 0), e.g. the standard error of the metric; None: estimated.
-        warmup: the fewest rounds (>= 1) before a gain stop.
+        warmup: the fewest rounds (>= 1) before a gain stop; default
+            ``max(3, ceil(rounds / e))`` (module docstring).
         nonfinite: "worse" (NaN/inf counts as a round below the best) or "stop".
         extend: whether the budget grows while the next round alone still clears the floor.
         max_rounds: the hard cap on the budget, >= ``rounds``; default ``2 * rounds``.
@@ -169,6 +173,8 @@ def init(
     """
     as_int = lambda v: int(v) if _is_int(v) else v  # noqa: E731
     rounds, warmup, max_rounds = as_int(rounds), as_int(warmup), as_int(max_rounds)
+    if warmup is None and _is_int(rounds):
+        warmup = max(3, math.ceil(rounds / math.e))
     state = State(
         rounds=rounds,
         mode=mode,

@@ -45,8 +45,13 @@ def mean_excess_of_max(values, draws, m):
 # Each case: name, init kwargs, metrics, final round, reason (None: running), best_round,
 # budget after each update. Worked by hand from the rule in the module docstring.
 CASES = [
-    ("a flat top has no gain: stop once warm", {"rounds": 10, "noise": 0.1},
+    ("a flat top has no gain: stop once warm", {"rounds": 10, "noise": 0.1, "warmup": 3},
      [0.5, 0.5, 0.5], 3, "gain", 0, [10, 10, 10]),
+    # The default warmup is max(3, ceil(rounds / e)): ceil(10 / e) = 4, ceil(30 / e) = 12.
+    ("default warmup: the flat top waits for ceil(10 / e) rounds", {"rounds": 10, "noise": 0.1},
+     [0.5] * 4, 4, "gain", 0, [10] * 4),
+    ("default warmup: ceil(30 / e) = 12 rounds", {"rounds": 30, "noise": 0.1},
+     [0.5] * 12, 12, "gain", 0, [30] * 12),
     ("warmup 1 stops on the second flat round", {"rounds": 10, "noise": 0.1, "warmup": 1},
      [0.5, 0.5], 2, "gain", 0, [10, 10]),
     # Round 2: k=1, beta=1, p=e^-1/2, one round left: gain 0.18 < 1 but round 2 < warmup 3.
@@ -60,11 +65,11 @@ CASES = [
     # e^(-4/3) = 0.198; round 5: k=3, beta 2, p (3/5) e^(-3/2): 0.268; each >= 0.1: extend.
     ("extends one round at a time up to max_rounds", {"rounds": 3, "noise": 0.1},
      [1, 2, 3, 0, 0, 0], 6, "max_rounds", 2, [3, 3, 4, 5, 6, 6]),
-    ("non-finite rounds count as draws, never best", {"rounds": 10, "noise": 0.1},
+    ("non-finite rounds count as draws, never best", {"rounds": 10, "noise": 0.1, "warmup": 3},
      [NAN, 1.0, INF, -INF, 1.0], 5, "gain", 1, [10] * 5),
     ("nonfinite=stop stops at once", {"rounds": 10, "nonfinite": "stop"},
      [1.0, NAN], 2, "nonfinite", 0, [10, 10]),
-    ("mode min: the lowest is best", {"rounds": 10, "noise": 0.1, "mode": "min"},
+    ("mode min: the lowest is best", {"rounds": 10, "noise": 0.1, "mode": "min", "warmup": 3},
      [3.0, 2.0, 2.0, 2.0], 4, "gain", 1, [10] * 4),
 ]  # fmt: skip
 
@@ -205,7 +210,7 @@ metrics = st.one_of(accuracies, accuracies, accuracies, st.sampled_from([NAN, IN
 configs = st.fixed_dictionaries(
     {
         "rounds": st.integers(1, 30),
-        "warmup": st.integers(1, 5),
+        "warmup": st.one_of(st.none(), st.integers(1, 5)),
         "extend": st.booleans(),
         "noise": st.one_of(st.none(), st.floats(1e-4, 0.2)),
     }
@@ -264,7 +269,8 @@ def test_invariants(kwargs, seq):
         assert kwargs["extend"] or s.rounds == kwargs["rounds"]
         assert s.round <= s.rounds
         if s.reason == "gain":
-            assert s.round >= kwargs["warmup"] and s.gain < s.floor and s.round < s.rounds
+            warmup = kwargs["warmup"] or max(3, math.ceil(kwargs["rounds"] / E))
+            assert s.round >= warmup == s.warmup and s.gain < s.floor and s.round < s.rounds
         assert s.stopped == (i == len(states) - 1 and s.reason is not None)
     if len(states) < len(seq):  # it stopped before the sequence ended
         assert states[-1].stopped

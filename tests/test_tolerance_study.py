@@ -137,15 +137,17 @@ GAIN_STOPS = {"noise": 0.05, "warmup": 2}  # a floor the smoke rounds fall under
 
 
 @pytest.mark.parametrize(
-    ("rule", "gain_kwargs", "seed"),
-    [("gain", GAIN_STOPS, 0), ("patent", {}, 0)],
-    ids=["gain", "patent"],
+    ("rule", "gain_kwargs", "strategy", "seed"),
+    [("gain", GAIN_STOPS, "random", 0), ("patent", {}, "random", 0), ("gain", {}, "evolution", 0)],
+    # At its defaults gain extends evolution-0 to 6 rounds: 3 of them are evolution's children,
+    # proposed from what the run observed, so the live run must follow the cached sequence.
+    ids=["gain", "patent", "gain-defaults-evolution"],
 )
 def test_replaying_on_the_cache_equals_a_live_run(
-    cache, tmp_path, digits_data_dir, rule, gain_kwargs, seed
+    cache, tmp_path, digits_data_dir, rule, gain_kwargs, strategy, seed
 ):
     config = study_cache.study_config(
-        "random", seed, HORIZON, smoke=True, data_dir=str(digits_data_dir)
+        strategy, seed, HORIZON, smoke=True, data_dir=str(digits_data_dir)
     )
     config.rounds = LIVE_BUDGET
     config.tolerance.rule = rule
@@ -153,7 +155,7 @@ def test_replaying_on_the_cache_equals_a_live_run(
     config.tolerance.extend = True
     config.tolerance.gain.update(gain_kwargs)
     summary = rounds.run(config, tmp_path / rule, stream=io.StringIO())
-    entry = cache[f"random-{seed}"]
+    entry = cache[f"{strategy}-{seed}"]
     if rule == "gain":
         used = study_rules.gain_rule(entry["val"], LIVE_BUDGET, **gain_kwargs)
         if gain_kwargs:
@@ -163,6 +165,8 @@ def test_replaying_on_the_cache_equals_a_live_run(
         patience = stopping.patience_from(LIVE_BUDGET, config.tolerance.ratio, r)
         assert summary["patience"] == patience
         used = study_rules.patent(entry["val"], LIVE_BUDGET, patience, 0.8, True)
+    if strategy == "evolution":
+        assert used > config.search.population  # the run reached evolution's children
     assert summary["rule"] == rule
     assert summary["rounds_run"] == used
     assert summary["best_round"] == study_rules.kept_round(entry["val"], used)
