@@ -34,6 +34,7 @@ def get_config(variant: str = ""):
     if variant == "smoke":  # seconds: the tests run it on a locally built "mnist" in TFDS format
         smoke = _digits["get_config"]("smoke")
         config.seed, config.rounds, config.search = smoke.seed, smoke.rounds, smoke.search
+        config.plots = smoke.plots  # no pictures: configs/folder.py:smoke draws them
         config.train.batch_size, config.train.max_epochs, config.train.patience = 32, 3, 2
     elif variant:
         raise ValueError(f"Unknown variant {variant!r} of configs/mnist.py; use '' or 'smoke'.")

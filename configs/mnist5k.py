@@ -32,6 +32,7 @@ def get_config(variant: str = ""):
     if variant == "smoke":  # seconds: the tests' run
         smoke = _digits["get_config"]("smoke")
         config.seed, config.rounds, config.search = smoke.seed, smoke.rounds, smoke.search
+        config.plots = smoke.plots  # no pictures: configs/folder.py:smoke draws them
         config.train.max_epochs, config.train.patience = 3, 2
     elif variant:
         raise ValueError(f"Unknown variant {variant!r} of configs/mnist5k.py; use '' or 'smoke'.")
