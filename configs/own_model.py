@@ -109,15 +109,15 @@ def get_config(variant: str = ""):
     mixer = {"backbone": "mixer"}
     config.search.space = {
         "backbone": ("mlp", "mixer"),
-        # Shared: both backbones declare embed_dim, and both train at the searched rate.
-        "embed_dim": (32, 64),
+        # Both train at the searched rate (a traced argument: no recompiles).
         "learning_rate": {"low": 3e-4, "high": 3e-3, "log": True},
-        # The MLP's own fields.
+        # The MLP's own fields (its widths share one padded program per depth).
         "depth": {"values": (1, 2), "when": {"backbone": "mlp"}},
         "width": {"values": (64, 128), "when": {"backbone": "mlp"}},
-        # The mixer's own fields: lists, so that few distinct shapes compile.
+        "embed_dim": {"values": (32, 64), "when": {"backbone": "mlp"}},
+        # The mixer's own fields (the rest keep their registered defaults). A registered
+        # backbone is never padded, so each shape compiles its own program: few shapes here.
         "patch": {"values": (2, 4), "when": mixer},
-        "hidden": {"values": (16, 32, 64), "when": mixer},
         "blocks": {"values": (1, 2), "when": mixer},
     }
     if variant == "smoke":
@@ -125,7 +125,7 @@ def get_config(variant: str = ""):
         config.seed = 6
         config.rounds = 4
         config.search.tpe.startup = 2
-        config.search.space.embed_dim = (16,)
+        config.search.space.embed_dim = {"values": (16,), "when": {"backbone": "mlp"}}
         config.search.space.depth = {"values": (1,), "when": {"backbone": "mlp"}}
         config.search.space.width = {"values": (16, 32), "when": {"backbone": "mlp"}}
         config.search.space.patch = {"values": (4,), "when": mixer}
