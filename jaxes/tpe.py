@@ -108,6 +108,10 @@ class TPE(search.Strategy):
 
     def study(self, state: dict, seed: int) -> optuna.Study:
         """An in-memory study of the state's history (finished) and pending proposals (running)."""
+        with _quiet():
+            return self._study(state, seed)
+
+    def _study(self, state: dict, seed: int) -> optuna.Study:
         sampler = optuna.samplers.TPESampler(
             n_startup_trials=self.startup,
             n_ei_candidates=self.candidates,
@@ -143,7 +147,7 @@ class TPE(search.Strategy):
             )
         seed = int(jax.random.bits(key, dtype=jnp.uint32))
         with _quiet():
-            study = self.study(state, seed)
+            study = self._study(state, seed)
             for _ in range(self.max_collisions if self.domain.discrete else 1):
                 choice = self._ask(study)  # an asked trial stays running: the next avoids it
                 if search.canonical(choice) not in seen:
