@@ -62,7 +62,7 @@ def space_warning(config: Any, strategy: Any) -> str | None:
     if strategy.name == "fixed" or config.rounds <= strategy.size:
         return None
     space = plural(strategy.size, "architecture")
-    if strategy.name == "random":
+    if strategy.name in ("random", "tpe"):  # both never repeat a choice
         then = f"the run stops (search_exhausted) after at most {plural(strategy.size, 'round')}"
     else:
         then = "later rounds train architectures already tried, with new initializations"

@@ -116,3 +116,18 @@ def test_optuna_stays_quiet(capsys, caplog):
 def test_bad_parameters_name_themselves(params, named):
     with pytest.raises(search.SearchError, match=named):
         search.make("tpe", SPACE, **params)
+
+
+def test_more_rounds_than_a_discrete_space_holds_warns_that_tpe_will_stop():
+    from types import SimpleNamespace
+
+    from jaxes import progress
+
+    space = {"depth": (1, 2), "width": {"values": (8, 16), "when": {"depth": 2}}}  # 1 + 2 choices
+    warning = progress.space_warning(SimpleNamespace(rounds=4), search.make("tpe", space))
+    assert warning.startswith("warning: config.rounds=4 exceeds the 3 architectures")
+    assert "search_exhausted" in warning
+    continuous = {"depth": (1, 2), "learning_rate": {"low": 1e-3, "high": 1e-2}}
+    assert (
+        progress.space_warning(SimpleNamespace(rounds=99), search.make("tpe", continuous)) is None
+    )
