@@ -63,10 +63,19 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     # Architecture search (claim 6): the space and the strategy.
     config.search = ml_collections.ConfigDict()
-    config.search.strategy = "evolution"  # fixed | random | evolution
+    config.search.strategy = "evolution"  # fixed | random | evolution | tpe
     config.search.population = 4
     config.search.tournament = 2
     config.search.max_collisions = 100
+    # tpe (Optuna's TPESampler): random rounds before the model is used, candidates per proposal,
+    # and whether the fields are modelled jointly.
+    config.search.tpe = ml_collections.ConfigDict()
+    config.search.tpe.startup = 5
+    config.search.tpe.candidates = 24
+    config.search.tpe.multivariate = True
+    # The space: field -> a list of values, a range {"low": 1e-4, "high": 1e-2, "log": True}
+    # (ints when both bounds are ints), and "when": {"backbone": ...} for a conditional field;
+    # learning_rate and weight_decay may be searched too (jaxes/space.py, README "Search spaces").
     config.search.space = ml_collections.ConfigDict()
     config.search.space.backbone = ("mlp", "cnn")
     config.search.space.depth = (1, 2)

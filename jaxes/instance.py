@@ -18,7 +18,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jaxes import checkpoint, data, files, models
+from jaxes import backbones, checkpoint, data, files, models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +36,8 @@ class Meta:
       hparams: the training hyper-parameters of its round (learning rate, weight decay, batch
         size, ...); empty for instances saved before they were recorded.
       class_names: the data set's class names in label order, if it has them.
+      backbone_source: for a registered backbone (``jaxes.backbones``), the file that registers
+        it, imported again by ``abstract_model`` when a process loads the instance without it.
     """
 
     round_index: int
@@ -47,6 +49,7 @@ class Meta:
     dataset: str
     hparams: dict = dataclasses.field(default_factory=dict)
     class_names: list | None = None  # label i is class_names[i]; None when the data has none
+    backbone_source: str | None = None
 
     @property
     def dropout_rate(self) -> float:
@@ -74,11 +77,15 @@ class Meta:
 
 def save(ckpt: checkpoint.Checkpointer, state: nnx.State, meta: Meta) -> None:
     """Saves an instance's state (params + log-rate) with its metadata."""
+    name = meta.arch.get("backbone")
+    if backbones.is_registered(name):
+        meta = dataclasses.replace(meta, backbone_source=backbones.get(name).source)
     ckpt.save_best(meta.round_index, nnx.to_pure_dict(state), meta.to_json())
 
 
 def abstract_model(meta: Meta) -> models.Model:
     """An unallocated model of the recorded arch and input spec."""
+    backbones.ensure(meta.arch.get("backbone"), meta.backbone_source)
     spec, arch = meta.spec, models.Arch.from_dict(meta.arch)
     return nnx.eval_shape(
         lambda: models.build(arch, spec.shape, spec.num_classes, jax.random.key(0), meta.log_rate)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxes import backbones
 
 BACKBONES = ("mlp", "cnn")
 
@@ -29,23 +31,43 @@ class Arch:
       depth: number of feature blocks, >= 1.
       width: units (mlp) or channels (cnn) of each block, >= 1.
       embed_dim: size of the feature vector that ``embed`` returns, >= 1.
+      options: a registered backbone's own fields (``jaxes.backbones``), as sorted
+        ``(name, value)`` pairs; empty for the built-in backbones, whose other fields a
+        registered one ignores (``to_dict`` leaves them out).
     """
 
     backbone: str = "mlp"
     depth: int = 2
     width: int = 256
     embed_dim: int = 64
+    options: tuple = ()
 
     def __post_init__(self):
+        options = self.options
+        pairs = options.items() if isinstance(options, Mapping) else options
+        object.__setattr__(self, "options", tuple(sorted((str(k), v) for k, v in pairs)))
         if self.backbone not in BACKBONES:
-            raise ValueError(f"Arch.backbone must be one of {BACKBONES}, got {self.backbone!r}.")
+            if not backbones.is_registered(self.backbone):
+                raise ValueError(
+                    f"Arch.backbone must be one of {BACKBONES} or a registered backbone "
+                    f"{backbones.names()}, got {self.backbone!r}."
+                )
+        elif self.options:
+            raise ValueError(f"Arch.options is for registered backbones, not {self.backbone!r}.")
         for name in ("depth", "width", "embed_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Arch.{name} must be an int >= 1, got {value!r}.")
 
+    @property
+    def builtin(self) -> bool:
+        """Whether ``Model`` builds it (else a registered backbone does, unpadded)."""
+        return self.backbone in BACKBONES
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        if not self.builtin:
+            return {"backbone": self.backbone, "options": dict(self.options)}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "options"}
 
     @classmethod
     def from_dict(cls, d: dict) -> Arch:
@@ -56,7 +78,9 @@ class Arch:
         return cls(**d)
 
     def short(self) -> str:
-        """A compact label, e.g. ``mlp-2x256-e64``."""
+        """A compact label, e.g. ``mlp-2x256-e64`` or ``mixer(blocks=2,patch=2)``."""
+        if not self.builtin:
+            return f"{self.backbone}({','.join(f'{k}={v}' for k, v in self.options)})"
         return f"{self.backbone}-{self.depth}x{self.width}-e{self.embed_dim}"
 
     def to_json(self) -> str:
@@ -212,5 +236,20 @@ def draw_log_rate(key: jax.Array, rate_range: Sequence[float]) -> float:
 
 
 def build(arch: Arch, input_shape, num_classes: int, key: jax.Array, log_rate: float) -> Model:
-    """Builds an instance with parameters initialized from ``key``."""
-    return Model(arch, input_shape, num_classes, log_rate, rngs=nnx.Rngs(params=key))
+    """Builds an instance with parameters initialized from ``key``.
+
+    A registered backbone (``jaxes.backbones``) is built by its own function, which must put a
+    ``LogRate`` (an ``ExpDropout``) in the model, as claim 2 asks.
+    """
+    if arch.builtin:
+        return Model(arch, input_shape, num_classes, log_rate, rngs=nnx.Rngs(params=key))
+    model = backbones.build(
+        arch.backbone, dict(arch.options), input_shape, num_classes,
+        log_rate=check_log_rate(log_rate), rngs=nnx.Rngs(params=key),
+    )  # fmt: skip
+    if not jax.tree.leaves(nnx.state(model, LogRate)):
+        raise ValueError(
+            f"backbone {arch.backbone!r} has no models.ExpDropout(log_rate); claim 2 wants each "
+            "feature block to end in one, so add it."
+        )
+    return model

@@ -208,6 +208,11 @@ def init_program(bucket_arch, input_shape, num_classes: int, mesh) -> Callable:
     )
 
     def one(raw_key, log_rate, sizes):
+        if not bucket_arch.builtin:  # a registered backbone: its own init, never padded
+            params, rest = steps.init_instance(
+                bucket_arch, input_shape, num_classes, jax.random.wrap_key_data(raw_key), log_rate
+            )
+            return params, rest, jax.tree.map(jnp.ones_like, params)
         mask = padding.masks(params_shape, bucket_arch, sizes)
         params = padding.init(params_shape, mask, jax.random.wrap_key_data(raw_key))
         rest = jax.tree.map(lambda x: jnp.full(x.shape, log_rate, x.dtype), rest_shape)

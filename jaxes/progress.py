@@ -17,7 +17,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
-_ARCH_ABBREVIATIONS = {"depth": "d", "width": "w", "embed_dim": "e"}
+_ARCH_ABBREVIATIONS = {
+    "depth": "d", "width": "w", "embed_dim": "e", "learning_rate": "lr", "weight_decay": "wd",
+}  # fmt: skip
 
 
 def _finite(value: Any) -> bool:
@@ -60,7 +62,7 @@ def space_warning(config: Any, strategy: Any) -> str | None:
     if strategy.name == "fixed" or config.rounds <= strategy.size:
         return None
     space = plural(strategy.size, "architecture")
-    if strategy.name == "random":
+    if strategy.name in ("random", "tpe"):  # both never repeat a choice
         then = f"the run stops (search_exhausted) after at most {plural(strategy.size, 'round')}"
     else:
         then = "later rounds train architectures already tried, with new initializations"
@@ -305,5 +307,7 @@ def arch_short(arch: Any) -> str:
     for key, value in arch.items():
         if key != "backbone":
             short = _ARCH_ABBREVIATIONS.get(key)
+            if isinstance(value, float):  # a searched range: 3 digits tell values apart
+                value = f"{value:.3g}"
             parts.append(f"{short}{value}" if short else f"{key}={value}")
     return " ".join(parts)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from jaxes import gain, keys, models, rules, search, sharding, stopping
+from jaxes import backbones, gain, keys, models, rules, search, sharding, stopping
+from jaxes import space as space_lib
 from jaxes import train as train_lib
 
 # Search-space fields that are not architecture fields: traced hyper-parameters of training
@@ -89,33 +90,71 @@ def make_tolerance(config, root_key) -> stopping.State | gain.State:
         raise _field_error(path, str(e)) from None
 
 
-def make_strategy(config) -> search.Strategy:
-    """The search strategy of ``config.search`` over a space of ``models.Arch`` fields."""
-    cfg = config.search
-    space = {name: tuple(values) for name, values in cfg.space.items()}
-    arch_fields = {f.name for f in dataclasses.fields(models.Arch)}
-    for name, values in space.items():
-        if name in HPARAM_FIELDS:
-            zero_ok = name == "weight_decay"
-            for value in values:
-                number = isinstance(value, int | float) and not isinstance(value, bool)
-                if not (number and math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
-                    raise _field_error(
-                        f"search.space.{name}",
-                        f"values must be finite numbers {'>= 0' if zero_ok else '> 0'}, "
-                        f"got {value!r}.",
-                    )
-            continue
-        if name not in arch_fields:
-            valid = sorted(arch_fields | set(HPARAM_FIELDS))
+def _check_hparam(name: str, field) -> None:
+    zero_ok = name == "weight_decay"
+    values = field.values if field.kind == "values" else (field.low, field.high)
+    for value in values:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
             raise _field_error(
-                f"search.space.{name}", f"not a searchable field; use some of {valid}."
+                f"search.space.{name}",
+                f"values must be finite numbers {'>= 0' if zero_ok else '> 0'}, got {value!r}.",
             )
-        for value in values:
-            try:
-                models.Arch(**{name: value})
-            except (TypeError, ValueError) as e:
-                raise _field_error(f"search.space.{name}", str(e)) from None
+
+
+def _check_arch_field(name: str, field) -> None:
+    values = field.values if field.kind == "values" else (field.low, field.high)
+    for value in values:
+        try:
+            models.Arch(**{name: value})
+        except (TypeError, ValueError) as e:
+            raise _field_error(f"search.space.{name}", str(e)) from None
+
+
+def _check_fields(domain: space_lib.Space) -> None:
+    """Every field of every backbone's branch must be one that backbone (or training) reads."""
+    arch_fields = {f.name for f in dataclasses.fields(models.Arch)} - {"options"}
+    backbone = domain.fields.get("backbone")
+    names = backbone.values if backbone else (models.Arch().backbone,)
+    for name in names:
+        if name not in models.BACKBONES and not backbones.is_registered(name):
+            raise _field_error(
+                "search.space.backbone",
+                f"{name!r} is neither built in {models.BACKBONES} nor registered "
+                f"{backbones.names()}; register it with jaxes.backbones.register in the config.",
+            )
+    for name in names:
+        own = arch_fields if name in models.BACKBONES else set(backbones.get(name).fields)
+        for field in domain.active({"backbone": name}).values():
+            if field.name in HPARAM_FIELDS or field.name == "backbone":
+                continue
+            if field.name not in own:
+                valid = sorted(own | set(HPARAM_FIELDS))
+                raise _field_error(
+                    f"search.space.{field.name}",
+                    f"backbone {name!r} has no such field (it has {valid}); make the field "
+                    f"conditional on the backbones that have it, e.g. "
+                    f"{{'values': ..., 'when': {{'backbone': ...}}}}.",
+                )
+    for field in domain.fields.values():
+        if field.name in HPARAM_FIELDS:
+            _check_hparam(field.name, field)
+        elif field.name in arch_fields and field.name != "backbone":
+            users = [b for b in names if b in models.BACKBONES]
+            if any(domain.active({"backbone": b}).get(field.name) for b in users):
+                _check_arch_field(field.name, field)
+
+
+def make_strategy(config) -> search.Strategy:
+    """The search strategy of ``config.search``: its space holds architecture fields (of the
+    built-in backbones or of registered ones, conditional on them) and ``HPARAM_FIELDS``."""
+    cfg = config.search
+    try:
+        domain = space_lib.Space(cfg.space)
+    except search.SearchError as e:
+        path = "search.space" + ("" if e.field is None else f".{e.field}")
+        raise _field_error(path, e.problem) from None
+    _check_fields(domain)
     params = {
         "fixed": {},
         "random": {"max_collisions": cfg.max_collisions},
@@ -124,21 +163,33 @@ def make_strategy(config) -> search.Strategy:
             "tournament": cfg.tournament,
             "max_collisions": cfg.max_collisions,
         },
+        "tpe": {
+            "startup": cfg.tpe.startup,
+            "candidates": cfg.tpe.candidates,
+            "multivariate": cfg.tpe.multivariate,
+            "max_collisions": cfg.max_collisions,
+        },
     }.get(cfg.strategy)
     if params is None:
         raise _field_error(
-            "search.strategy", f"must be one of fixed, random, evolution, got {cfg.strategy!r}."
+            "search.strategy", f"must be one of {', '.join(search.NAMES)}, got {cfg.strategy!r}."
         )
     try:
-        return search.make(cfg.strategy, space, **params)
+        return search.make(cfg.strategy, cfg.space, **params)
     except search.SearchError as e:
-        raise _field_error("search", str(e)) from None
+        path = "search" if e.field is None else f"search.space.{e.field}"
+        raise _field_error(path, e.problem) from None
 
 
 def split_choice(choice: dict, train_config) -> tuple[models.Arch, float, float]:
     """A search choice as ``(arch, learning_rate, weight_decay)``; hyper-parameters the space does
-    not search come from ``config.train``."""
-    arch = models.Arch.from_dict({k: v for k, v in choice.items() if k not in HPARAM_FIELDS})
+    not search come from ``config.train``. A registered backbone's fields become its options."""
+    fields = {k: v for k, v in choice.items() if k not in HPARAM_FIELDS}
+    backbone = fields.get("backbone", models.Arch().backbone)
+    if backbone in models.BACKBONES:
+        arch = models.Arch.from_dict(fields)
+    else:
+        arch = models.Arch(backbone, options={k: v for k, v in fields.items() if k != "backbone"})
     learning_rate = float(choice.get("learning_rate", train_config.learning_rate))
     weight_decay = float(choice.get("weight_decay", train_config.weight_decay))
     return arch, learning_rate, weight_decay

@@ -1,7 +1,8 @@
-"""Architecture search over a discrete space: ``fixed``, ``random`` and ``evolution`` strategies.
+"""Architecture search: ``fixed``, ``random``, ``evolution`` and ``tpe`` (Optuna's TPE) strategies.
 
-A space maps each architecture field to its allowed values, e.g. ``{"backbone": ["mlp", "cnn"],
-"depth": [1, 2, 3]}``; a choice maps each field to one value. Strategies are stateless objects; all
+A space maps each field to its allowed values, e.g. ``{"backbone": ["mlp", "cnn"], "depth": [1, 2,
+3]}``, or to a range or a conditional field (``jaxes.space``); a choice maps each active field to
+one value. Strategies are stateless objects; all
 search state is a JSON-serializable dict that ``init`` creates and ``propose``/``observe`` return
 anew, so a run saves it after every round and resumes exactly. ``propose`` is a pure function of
 ``(state, key)`` and takes all its randomness from the JAX key, so a run killed between ``propose``
@@ -21,22 +22,19 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax
-import jax.numpy as jnp
 
-JSONScalar = str | int | float | bool | None
-Space = Mapping[str, Sequence[JSONScalar]]
+from jaxes import space as space_lib
+from jaxes.space import SearchError
+
+Space = Mapping[str, Any]  # field -> a declaration of jaxes.space
 
 
 # Named streams of a propose key (docs/design.md §4: fold_in with constants, never call order).
 _SAMPLE, _FALLBACK, _TOURNAMENT, _FIELD, _VALUE = 1, 2, 3, 4, 5
-
-
-class SearchError(ValueError):
-    """A search space, parameter or state is invalid."""
 
 
 class Exhausted(Exception):
@@ -46,46 +44,6 @@ class Exhausted(Exception):
 def canonical(choice: Mapping) -> str:
     """Returns a choice as canonical JSON (sorted keys, no spaces): the dedup key."""
     return json.dumps(dict(choice), sort_keys=True, separators=(",", ":"), allow_nan=False)
-
-
-def _as_dict(value: Any, what: str) -> dict:
-    # ml_collections.ConfigDict is not a Mapping but has items(); configs hand us either.
-    if isinstance(value, Mapping) or callable(getattr(value, "items", None)):
-        return dict(value.items())
-    raise SearchError(f"{what} must be a mapping of field -> values, got {type(value).__name__}.")
-
-
-def _is_json_scalar(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    return value is None or isinstance(value, str | int | bool)
-
-
-def _check_space(space: Any) -> dict[str, tuple]:
-    """Validates a space; returns it with fields sorted, so key use ignores declaration order."""
-    fields = _as_dict(space, "the search space")
-    if not fields:
-        raise SearchError("The search space is empty; declare at least one field with its values.")
-    checked = {}
-    for field in sorted(fields, key=str):
-        values = fields[field]
-        if not isinstance(field, str):
-            raise SearchError(f"Search space field {field!r} must be a string name.")
-        if isinstance(values, str | bytes) or not isinstance(values, Sequence):
-            raise SearchError(f"Search space field {field!r} must list its values, not {values!r}.")
-        if not values:
-            raise SearchError(f"Search space field {field!r} has no values; give it at least one.")
-        for value in values:
-            if not _is_json_scalar(value):
-                raise SearchError(
-                    f"Search space field {field!r} has value {value!r}, which is not a JSON scalar "
-                    "(str, int, finite float, bool or None); use one of those."
-                )
-        keys = [json.dumps(value) for value in values]  # JSON identity: 1, 1.0 and True differ.
-        if len(set(keys)) != len(keys):
-            raise SearchError(f"Search space field {field!r} repeats a value; remove duplicates.")
-        checked[field] = tuple(values)
-    return checked
 
 
 def _int_param(name: str, value: Any, strategy: str, minimum: int) -> int:
@@ -101,14 +59,17 @@ class Strategy:
 
     Attributes:
       name: the strategy name, as passed to ``make``.
-      space: the validated space, fields sorted.
+      domain: the validated ``space.Space``.
+      space: field -> the values a size bucket must cover (``Space.bounds``), fields sorted.
+      size: the number of distinct choices (``math.inf`` with a float range).
     """
 
     name: ClassVar[str] = ""
 
     def __init__(self, space: Space):
-        self.space = _check_space(space)
-        self.size = math.prod(len(values) for values in self.space.values())
+        self.domain = space_lib.Space(space)
+        self.space = self.domain.bounds()
+        self.size = self.domain.size
 
     def init(self) -> dict:
         """Returns the initial, JSON-serializable search state."""
@@ -200,26 +161,11 @@ class Strategy:
         return json.loads(json.dumps(state))  # Deep copy; also proves the state is JSON.
 
     def _check_choice(self, choice: Any, what: str) -> dict:
-        choice = _as_dict(choice, what)
-        if set(choice) != set(self.space):
-            raise SearchError(
-                f"The {what} has fields {sorted(choice)}; the space has {sorted(self.space)}."
-            )
-        for field, values in self.space.items():
-            if json.dumps(choice[field]) not in [json.dumps(value) for value in values]:
-                raise SearchError(
-                    f"The {what} sets {field!r} to {choice[field]!r}, not one of {list(values)}."
-                )
-        return {field: choice[field] for field in self.space}
+        return self.domain.check(choice, what)
 
     def _sample(self, key: jax.Array) -> dict:
-        """Draws a choice uniformly from the product space (each field independently)."""
-        sizes = jnp.asarray([len(values) for values in self.space.values()])
-        indices = jax.random.randint(key, (len(sizes),), 0, sizes).tolist()
-        return {
-            field: values[index]
-            for (field, values), index in zip(self.space.items(), indices, strict=True)
-        }
+        """Draws a choice, each field independently (``space.Space.sample``)."""
+        return self.domain.sample(key)
 
     def _sample_new(self, key: jax.Array, seen: set[str], max_collisions: int) -> dict | None:
         """Rejection-samples a choice not in ``seen``; None after ``max_collisions`` collisions."""
@@ -238,7 +184,7 @@ class Fixed(Strategy):
     def __init__(self, space: Space, arch: Mapping | None = None):
         super().__init__(space)
         if arch is None:
-            arch = {field: values[0] for field, values in self.space.items()}
+            arch = self.domain.default()
         self.arch = self._check_choice(arch, "fixed arch")
 
     def _propose(self, state: dict, key: jax.Array) -> tuple[dict, dict]:
@@ -246,7 +192,11 @@ class Fixed(Strategy):
 
 
 class Random(Strategy):
-    """Uniform over the product space, never proposing the same choice twice."""
+    """Uniform over the space (log-uniform on log ranges), never proposing the same choice twice.
+
+    A space with a float range never runs out; a discrete one is exhausted once every choice was
+    proposed (dedup is exact: canonical JSON).
+    """
 
     name = "random"
 
@@ -281,9 +231,10 @@ class Evolution(Strategy):
 
     The first ``population`` proposals are random (distinct while the space allows); then each
     child is the fittest of ``tournament`` members sampled without replacement from the current
-    population (the older wins ties, failed rounds rank last), with exactly one field mutated to a
-    different value. Each observed child joins the population and, once it is full, the oldest
-    member leaves.
+    population (the older wins ties, failed rounds rank last), with exactly one of its active
+    fields mutated (``space.Field.mutate``: another listed value, or a range value moved in its
+    log or linear scale and reflected at the ends; a new backbone draws the fields it brings).
+    Each observed child joins the population and, once it is full, the oldest member leaves.
     """
 
     name = "evolution"
@@ -300,8 +251,7 @@ class Evolution(Strategy):
                 f"({population}); lower it."
             )
         self.max_collisions = _int_param("max_collisions", max_collisions, self.name, 1)
-        self.mutable = [field for field, values in self.space.items() if len(values) > 1]
-        if not self.mutable:
+        if not any(field.mutable for field in self.domain.fields.values()):
             raise SearchError(
                 "evolution needs a search space field with at least two values to mutate; "
                 "add values or use the 'fixed' strategy."
@@ -334,12 +284,7 @@ class Evolution(Strategy):
         ).tolist()
         tournament = [population[position] for position in sorted(positions)]
         parent = max(tournament, key=lambda index: self._rank(state["history"][index]))
-        child = dict(state["history"][parent]["choice"])
-        field = self.mutable[int(jax.random.randint(field_key, (), 0, len(self.mutable)))]
-        values = self.space[field]
-        current = [json.dumps(value) for value in values].index(json.dumps(child[field]))
-        offset = int(jax.random.randint(value_key, (), 0, len(values) - 1))
-        child[field] = values[offset if offset < current else offset + 1]  # Skips the current.
+        child = self.domain.mutate(state["history"][parent]["choice"], field_key, value_key)
         return child, {"last_tournament": tournament, "last_parent": parent}
 
     @staticmethod
@@ -356,16 +301,29 @@ class Evolution(Strategy):
 
 
 _STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Fixed, Random, Evolution)}
+NAMES = ("fixed", "random", "evolution", "tpe")  # tpe lives in jaxes.tpe (it imports Optuna)
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    """The class of strategy ``name``; raises SearchError listing the valid names."""
+    if name == "tpe":
+        from jaxes import tpe  # here, not at the top: Optuna loads only for runs that use it
+
+        return tpe.TPE
+    if name not in _STRATEGIES:
+        raise SearchError(f"Unknown search strategy {name!r}; use one of {sorted(NAMES)}.")
+    return _STRATEGIES[name]
 
 
 def make(name: str, space: Space, **params: Any) -> Strategy:
     """Builds a search strategy.
 
     Args:
-      name: one of ``fixed``, ``random``, ``evolution``.
-      space: field -> allowed values (JSON scalars).
+      name: one of ``fixed``, ``random``, ``evolution``, ``tpe``.
+      space: field -> a declaration of ``jaxes.space`` (a list of values, a range, conditional).
       **params: ``fixed``: ``arch``; ``random``: ``max_collisions``; ``evolution``: ``population``,
-        ``tournament``, ``max_collisions``.
+        ``tournament``, ``max_collisions``; ``tpe``: ``startup``, ``candidates``,
+        ``multivariate``, ``max_collisions``.
 
     Returns:
       The strategy.
@@ -373,9 +331,7 @@ def make(name: str, space: Space, **params: Any) -> Strategy:
     Raises:
       SearchError: unknown name or parameter, or an invalid space or parameter value.
     """
-    if name not in _STRATEGIES:
-        raise SearchError(f"Unknown search strategy {name!r}; use one of {sorted(_STRATEGIES)}.")
-    cls = _STRATEGIES[name]
+    cls = strategy_class(name)
     allowed = list(inspect.signature(cls.__init__).parameters)[2:]  # After self and space.
     unknown = sorted(set(params) - set(allowed))
     if unknown:

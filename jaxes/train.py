@@ -131,6 +131,9 @@ class Engine:
         return driver if driver == "host" or self._fits else "host"
 
     def bucket(self, arch: models.Arch) -> models.Arch:
+        # A registered backbone is the user's own module: padding rules know only the built-ins.
+        if not arch.builtin:
+            return arch
         return padding.bucket(arch, self.space, self.pad_backbones)
 
     def train(self, jobs: Sequence[Job]) -> list[RoundResult]:
@@ -275,7 +278,9 @@ class Engine:
         state, metrics = None, {}
         if best_epoch >= 0:
             pick = lambda tree: jax.tree.map(lambda x: x[lane], tree)  # noqa: E731
-            pure = padding.unpad(nnx.to_pure_dict(pick(host["params"])), bucket, job.arch)
+            pure = nnx.to_pure_dict(pick(host["params"]))
+            if bucket.builtin:
+                pure = padding.unpad(pure, bucket, job.arch)
             pure = _merge(pure, nnx.to_pure_dict(pick(host["rest"])))
             state = jax.tree.map(lambda x: x, abstract)  # a fresh State to fill
             nnx.replace_by_pure_dict(state, sharding.put_tree(pure, sharding.replicated(self.mesh)))
