@@ -133,6 +133,7 @@ def get_config(variant: str = ""):
         config.search.space.blocks = {"values": (1,), "when": mixer}
         config.train.max_epochs = 6
         config.train.patience = 2
+        config.plots = False  # as configs/digits.py:smoke
     elif variant:
         raise ValueError(f"Unknown variant {variant!r} of configs/own_model.py; use '' or 'smoke'.")
     return config
