@@ -4,6 +4,11 @@ A model is built from an :class:`Arch` (what the architecture search chooses), t
 spec, and a dropout log-rate drawn per instance. The log-rate lives in the model state as a
 non-trainable :class:`LogRate` variable, so instances of one ``Arch`` with different rates share
 one compiled program.
+
+A block is ``layer -> [norm] -> GELU -> ExpDropout [+ skip]``: the feature layer, GELU and the
+``exp(r)`` dropout of claim 2 are always there; the normalization, the residual skip, the CNN
+kernel size, the downsampling schedule and the per-block widths are ``Arch`` fields whose
+defaults are the original blocks (so metadata written before they existed loads unchanged).
 """
 
 from __future__ import annotations
@@ -18,23 +23,48 @@ import jax.numpy as jnp
 from flax import nnx
 
 BACKBONES = ("mlp", "cnn")
+NORMS = ("none", "layer", "group")
+# Where a CNN halves its resolution (2x2 average pool after a block, while the side is >= 8):
+# "every" block (the original rule), every second block counting back from the last (so the
+# last block always pools), or never.
+DOWNSAMPLES = ("every", "alternate", "none")
+# The most groups of a group norm: 8 when the width divides by 8, else gcd(width, 8).
+MAX_GROUPS = 8
+# Fields that only a CNN reads. An MLP ignores them and ``Arch`` resets them to their defaults,
+# so two MLPs that differ only there are one architecture (dedup and program caches stay exact).
+CNN_ONLY = ("kernel_size", "downsample")
 
 
 @dataclasses.dataclass(frozen=True)
 class Arch:
-    """An architecture: hashable, JSON round-trip exact, validated on construction.
+    """An architecture: hashable, JSON round-trip exact, validated and canonical on construction.
 
     Attributes:
-      backbone: "mlp" (dense blocks on the flattened image) or "cnn" (3x3 conv blocks).
+      backbone: "mlp" (dense blocks on the flattened image) or "cnn" (conv blocks).
       depth: number of feature blocks, >= 1.
-      width: units (mlp) or channels (cnn) of each block, >= 1.
+      width: units (mlp) or channels (cnn) of the first block, >= 1.
       embed_dim: size of the feature vector that ``embed`` returns, >= 1.
+      kernel_size: (cnn) the odd side of each conv kernel, 1 to 7.
+      downsample: (cnn) the pooling schedule, one of ``DOWNSAMPLES``.
+      norm: normalization after each feature layer: "none", "layer" (over a block's units; for
+        a CNN over the channels of each position) or "group" (groups of units or channels).
+      residual: add each block's input to its output, from the second block on (the first one
+        reads the image): identity where the widths agree, a learned 1x1 projection elsewhere.
+      width_growth: block ``i`` has ``round(width * width_growth**i)`` units (``widths``);
+        1.0 keeps every block at ``width``, 2.0 doubles it per block, 0.5 halves it.
     """
 
     backbone: str = "mlp"
     depth: int = 2
     width: int = 256
     embed_dim: int = 64
+    # --- Block fields (issue #11). Defaults are the original blocks: old dicts load as before.
+    kernel_size: int = 3
+    downsample: str = "every"
+    norm: str = "none"
+    residual: bool = False
+    width_growth: float = 1.0
+    # --- End of block fields.
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
@@ -43,6 +73,39 @@ class Arch:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Arch.{name} must be an int >= 1, got {value!r}.")
+        self._check_blocks()
+
+    def _check_blocks(self):
+        """Validates the block fields and resets those that do not apply (canonical form)."""
+        k = self.kernel_size
+        if isinstance(k, bool) or not isinstance(k, int) or k not in (1, 3, 5, 7):
+            raise ValueError(f"Arch.kernel_size must be one of 1, 3, 5, 7 (odd), got {k!r}.")
+        if self.downsample not in DOWNSAMPLES:
+            raise ValueError(
+                f"Arch.downsample must be one of {DOWNSAMPLES}, got {self.downsample!r}."
+            )
+        if self.norm not in NORMS:
+            raise ValueError(f"Arch.norm must be one of {NORMS}, got {self.norm!r}.")
+        if not isinstance(self.residual, bool):
+            raise ValueError(f"Arch.residual must be True or False, got {self.residual!r}.")
+        growth = self.width_growth
+        number = isinstance(growth, int | float) and not isinstance(growth, bool)
+        if not (number and math.isfinite(growth) and 0.125 <= growth <= 8):
+            raise ValueError(f"Arch.width_growth must be a number in [0.125, 8], got {growth!r}.")
+        canonical = {"width_growth": float(growth)}
+        if self.backbone != "cnn":
+            canonical |= {f.name: f.default for f in dataclasses.fields(self) if f.name in CNN_ONLY}
+        if self.depth == 1:  # one block: no skip (it reads the image) and no growth
+            canonical |= {"residual": False, "width_growth": 1.0}
+        for name, value in canonical.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The width of each block: ``round(width * width_growth**i)``, at least 1."""
+        return tuple(
+            max(1, math.floor(self.width * self.width_growth**i + 0.5)) for i in range(self.depth)
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -56,8 +119,19 @@ class Arch:
         return cls(**d)
 
     def short(self) -> str:
-        """A compact label, e.g. ``mlp-2x256-e64``."""
-        return f"{self.backbone}-{self.depth}x{self.width}-e{self.embed_dim}"
+        """A compact label, e.g. ``mlp-2x256-e64``; block fields appear when not the default."""
+        label = f"{self.backbone}-{self.depth}x{self.width}-e{self.embed_dim}"
+        if self.kernel_size != 3:
+            label += f"-k{self.kernel_size}"
+        if self.downsample != "every":
+            label += f"-pool:{self.downsample}"
+        if self.norm != "none":
+            label += f"-{self.norm}norm"
+        if self.residual:
+            label += "-res"
+        if self.width_growth != 1.0:
+            label += f"-grow{self.width_growth:g}"
+        return label
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -96,50 +170,98 @@ class ExpDropout(nnx.Module):
         return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
-class Conv3x3(nnx.Module):
-    """A 3x3 convolution, stride 1, "SAME" padding: nine shifted slices, then one matmul.
+class ConvSame(nnx.Module):
+    """A ``k x k`` convolution, stride 1, "SAME" padding: ``k*k`` shifted slices, then one matmul.
 
-    Parameters and result are those of ``nnx.Conv(in, out, (3, 3))``. It avoids XLA:CPU's
-    convolution kernels: a two-conv gradient step took 38.5 ms with them and 24.0 ms like this as
-    a jitted step, and 1105 ms against 24.5 ms per step inside a ``lax.scan`` (jax-ml/jax#12868),
-    so CNN epochs can scan on CPU too (benchmarks/README.md).
+    Parameters and result are those of ``nnx.Conv(in, out, (k, k))``. It avoids XLA:CPU's
+    convolution kernels: a two-conv 3x3 gradient step took 38.5 ms with them and 24.0 ms like
+    this as a jitted step, and 1105 ms against 24.5 ms per step inside a ``lax.scan``
+    (jax-ml/jax#12868), so CNN epochs can scan on CPU too (benchmarks/README.md).
     """
 
-    def __init__(self, in_features: int, out_features: int, *, rngs):
-        shape = (3, 3, in_features, out_features)
+    def __init__(self, in_features: int, out_features: int, kernel_size: int = 3, *, rngs):
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"ConvSame kernel_size must be odd and >= 1, got {kernel_size}.")
+        shape = (kernel_size, kernel_size, in_features, out_features)
         self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), shape))
         self.bias = nnx.Param(jnp.zeros((out_features,)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...]
+        k = kernel.shape[0]
         height, width = x.shape[1:3]
-        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        # Channel order (row, col, in) matches the kernel's row-major (3, 3, in) flattening.
+        half = k // 2
+        padded = jnp.pad(x, ((0, 0), (half, half), (half, half), (0, 0)))
+        # Channel order (row, col, in) matches the kernel's row-major (k, k, in) flattening.
         patches = jnp.concatenate(
-            [padded[:, i : i + height, j : j + width, :] for i in range(3) for j in range(3)],
+            [padded[:, i : i + height, j : j + width, :] for i in range(k) for j in range(k)],
             axis=-1,
         )
-        kernel = self.kernel[...]
         return patches @ kernel.reshape(-1, kernel.shape[-1]) + self.bias[...]
 
 
-class FeatureBlock(nnx.Module):
-    """Dense or 3x3 Conv -> GELU -> ExpDropout."""
+def group_count(width: int) -> int:
+    """The number of groups of a group norm over ``width`` units: ``gcd(width, MAX_GROUPS)``."""
+    return math.gcd(width, MAX_GROUPS)
 
-    def __init__(self, kind: str, in_features: int, out_features: int, log_rate: float, *, rngs):
+
+class FeatureBlock(nnx.Module):
+    """Dense or k x k Conv -> [LayerNorm | GroupNorm] -> GELU -> ExpDropout [+ skip].
+
+    Args:
+      kind: "dense" or "conv".
+      in_features, out_features: units (channels) in and out.
+      log_rate: the dropout log-rate (claim 2).
+      kernel_size: the conv kernel's side (conv only).
+      norm: one of ``NORMS``.
+      residual: add the input (projected by a 1x1 layer when the widths differ) to the output.
+    """
+
+    def __init__(
+        self, kind: str, in_features: int, out_features: int, log_rate: float, *,
+        kernel_size: int = 3, norm: str = "none", residual: bool = False, rngs,
+    ):  # fmt: skip
         if kind == "dense":
             self.layer = nnx.Linear(in_features, out_features, rngs=rngs)
         elif kind == "conv":
-            self.layer = Conv3x3(in_features, out_features, rngs=rngs)
+            self.layer = ConvSame(in_features, out_features, kernel_size, rngs=rngs)
         else:
             raise ValueError(f"FeatureBlock kind must be 'dense' or 'conv', got {kind!r}.")
+        if norm == "layer":
+            self.norm = nnx.LayerNorm(out_features, rngs=rngs)
+        elif norm == "group":
+            self.norm = nnx.GroupNorm(out_features, num_groups=group_count(out_features), rngs=rngs)
+        elif norm != "none":
+            raise ValueError(f"FeatureBlock norm must be one of {NORMS}, got {norm!r}.")
+        else:
+            self.norm = None
         self.dropout = ExpDropout(log_rate)
+        # A 1x1 projection (a dense layer on the last axis) where the skip changes the width.
+        project = residual and in_features != out_features
+        self.skip = nnx.Linear(in_features, out_features, rngs=rngs) if project else None
+        self.residual = residual
 
     def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        return self.dropout(jax.nn.gelu(self.layer(x)), key)
+        y = self.layer(x)
+        if self.norm is not None:
+            y = self.norm(y)
+        y = self.dropout(jax.nn.gelu(y), key)
+        if self.residual:
+            y = y + (x if self.skip is None else self.skip(x))
+        return y
 
 
 def _block_keys(key, n):
     return [None] * n if key is None else [jax.random.fold_in(key, i) for i in range(n)]
+
+
+def _pools(arch: Arch, index: int) -> bool:
+    """Whether the downsampling schedule pools after block ``index`` (before the size rule)."""
+    if arch.downsample == "every":
+        return True
+    if arch.downsample == "alternate":
+        return (arch.depth - 1 - index) % 2 == 0
+    return False
 
 
 class Model(nnx.Module):
@@ -152,23 +274,21 @@ class Model(nnx.Module):
         height, width, channels = input_shape
         self.arch = arch
         blocks, pools = [], []
-        if arch.backbone == "mlp":
-            features = height * width * channels
-            for _ in range(arch.depth):
-                blocks.append(FeatureBlock("dense", features, arch.width, log_rate, rngs=rngs))
-                pools.append(False)
-                features = arch.width
-        else:
-            features = channels
-            for _ in range(arch.depth):
-                blocks.append(FeatureBlock("conv", features, arch.width, log_rate, rngs=rngs))
-                # Halve the resolution while it is at least 8, so deep stacks stay cheap.
-                pool = min(height, width) >= 8
-                pools.append(pool)
-                if pool:
-                    height, width = height // 2, width // 2
-                features = arch.width
-            features = height * width * arch.width
+        kind = "dense" if arch.backbone == "mlp" else "conv"
+        features = height * width * channels if kind == "dense" else channels
+        options = {"kernel_size": arch.kernel_size, "norm": arch.norm, "rngs": rngs}
+        for index, out in enumerate(arch.widths):
+            residual = arch.residual and index > 0
+            blocks.append(FeatureBlock(kind, features, out, log_rate, residual=residual, **options))
+            # A CNN halves its resolution by the schedule, while the side is at least 8, so
+            # 8x8 digits end at 4x4, 28x28 at 7x7 and 32x32 at 4x4 and deep stacks stay cheap.
+            pool = kind == "conv" and _pools(arch, index) and min(height, width) >= 8
+            pools.append(pool)
+            if pool:
+                height, width = height // 2, width // 2
+            features = out
+        if kind == "conv":
+            features = height * width * features
         self.blocks = nnx.List(blocks)
         self.pools = tuple(pools)
         self.embedding = nnx.Linear(features, arch.embed_dim, rngs=rngs)
