@@ -30,6 +30,8 @@ NORMS = ("none", "layer", "group")
 DOWNSAMPLES = ("every", "alternate", "none")
 # The most groups of a group norm: 8 when the width divides by 8, else gcd(width, 8).
 MAX_GROUPS = 8
+# The block fields of ``Arch`` (issue #11); each default is the original block.
+BLOCK_FIELDS = ("kernel_size", "downsample", "norm", "residual", "width_growth")
 # Fields that only a CNN reads. An MLP ignores them and ``Arch`` resets them to their defaults,
 # so two MLPs that differ only there are one architecture (dedup and program caches stay exact).
 CNN_ONLY = ("kernel_size", "downsample")

@@ -1,6 +1,7 @@
 """Tests for the block fields of models.Arch (issue #11): residual skips, normalization, CNN
 kernel size, the downsampling schedule and per-block widths; and how padding treats them."""
 
+import dataclasses
 import math
 
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxes import models, padding, steps
+from jaxes import models, padding, progress, steps
 
 NUM_CLASSES = 10
 
@@ -68,6 +69,14 @@ def test_fields_that_do_not_apply_are_canonical():
     back = models.Arch.from_dict(models.Arch("cnn", 3, 8, 8, norm="group", residual=True,
                                              width_growth=0.5).to_dict())  # fmt: skip
     assert back.short() == "cnn-3x8-e8-groupnorm-res-grow0.5"
+
+
+def test_labels_leave_out_block_fields_at_their_defaults():
+    # progress is stdlib only, so it repeats the defaults: they must be models.Arch's.
+    defaults = {f.name: f.default for f in dataclasses.fields(models.Arch)}
+    assert {k: defaults[k] for k in models.BLOCK_FIELDS} == progress.ARCH_LABEL_DEFAULTS
+    arch = models.Arch("cnn", 2, 64, 32, norm="layer").to_dict()
+    assert progress.arch_short(arch) == "cnn d2 w64 e32 norm=layer"
 
 
 @pytest.mark.parametrize(
