@@ -3,7 +3,9 @@
 Command (what `make run` does):
     python -m jaxes.main --config=configs/digits.py --workdir=runs/digits
 
-Variants by argument: `configs/digits.py:smoke` (a seconds-long run for tests).
+Variants by argument: `configs/digits.py:smoke` (a seconds-long run for tests) and
+`configs/digits.py:blocks` (the same search over the block fields too: norm, residual skips,
+kernel size, pooling schedule, per-block widths).
 
 On the 2-core CPU dev machine (2026-12-01): ~2 min 30 s cold; 14 rounds (tolerance 7, budget
 extended 12 -> 20, stopped by patience); best instance round 0, CNN depth 2 width 64 embedding 32:
@@ -112,6 +114,17 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.search.space.embed_dim = (8, 16)
         config.train.max_epochs = 6
         config.train.patience = 2
+    elif variant == "blocks":
+        # The default job over the block fields of models.Arch too (README "Blocks").
+        config.search.space.depth = (1, 2, 3)
+        config.search.space.width = (32, 64)
+        config.search.space.norm = ("none", "layer", "group")
+        config.search.space.residual = (False, True)
+        config.search.space.kernel_size = (3, 5)
+        config.search.space.downsample = ("every", "alternate")
+        config.search.space.width_growth = (1.0, 2.0)
     elif variant:
-        raise ValueError(f"Unknown variant {variant!r} of configs/digits.py; use '' or 'smoke'.")
+        raise ValueError(
+            f"Unknown variant {variant!r} of configs/digits.py; use '', 'smoke' or 'blocks'."
+        )
     return config
