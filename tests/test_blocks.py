@@ -349,3 +349,19 @@ def test_engine_trains_block_fields_and_keeps_the_unpadded_instance(digits):
     val = evaluator.evaluate(result.state, digits.validation)
     assert val["accuracy"] == result.metrics["val_accuracy"] > 0.2  # and it learned something
     assert val["loss"] == pytest.approx(result.metrics["val_loss"], abs=1e-5)
+
+
+def test_padded_init_draws_grown_blocks_and_skips_on_their_real_fan_in():
+    arch = models.Arch("mlp", 2, 24, 8, residual=True, width_growth=2.0)  # widths 24, 48
+    bucket = models.Arch("mlp", 2, 64, 32, residual=True, width_growth=2.0)  # widths 64, 128
+    params_shape, _ = jax.eval_shape(
+        lambda: steps.init_instance(bucket, (8, 8, 1), NUM_CLASSES, jax.random.key(0), -1.0)
+    )
+    mask = padding.masks(params_shape, bucket, padding.RealSizes.one(arch))
+    own = padding.unpad(nnx.to_pure_dict(padding.init(params_shape, mask, jax.random.key(3))),
+                        bucket, arch)  # fmt: skip
+    for name in ("layer", "skip"):  # both read block 0's 24 real units
+        kernel = own["blocks"][1][name]["kernel"]
+        assert kernel.shape == (24, 48)
+        # lecun_normal on the real fan-in: std 1/sqrt(24); 1,152 draws estimate it to ~2%.
+        assert np.std(kernel) == pytest.approx(1 / math.sqrt(24), rel=0.08)
