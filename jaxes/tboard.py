@@ -194,7 +194,10 @@ class Sessions:
             for path in self.root.iterdir():
                 name = path.name.removesuffix(_TEMPORARY).removeprefix("round_")
                 if path.suffix == _TEMPORARY or not name.isdigit() or int(name) not in records:
-                    shutil.rmtree(path)
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
         for round_index in sorted(set(records) - set(self.on_disk())):
             self.write(records[round_index])
 

@@ -85,6 +85,7 @@ def test_sync_keeps_exactly_the_committed_rounds(tmp_path, run_records):
     committed = run_records[:4]
     (tmp_path / tboard.session_name(1)).rename(tmp_path / "lost")  # lost, e.g. by an old version
     (tmp_path / (tboard.session_name(2) + ".partial")).mkdir()  # a write cut short by a kill
+    (tmp_path / tboard.SESSIONS / "stray.txt").write_text("not a session")
     sessions.sync(committed)
     assert sessions.on_disk() == [0, 1, 2, 3]
     assert sorted(p.name for p in (tmp_path / tboard.SESSIONS).iterdir()) == [
