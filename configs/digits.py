@@ -3,7 +3,9 @@
 Command (what `make run` does):
     python -m jaxes.main --config=configs/digits.py --workdir=runs/digits
 
-Variants by argument: `configs/digits.py:smoke` (a seconds-long run for tests).
+Variants by argument: `configs/digits.py:smoke` (a seconds-long run for tests) and
+`configs/digits.py:blocks` (the same search over the block fields too: norm, residual skips,
+kernel size, pooling schedule, per-block widths).
 
 On the 2-core CPU dev machine (2026-12-01): ~2 min 30 s cold; 14 rounds (tolerance 7, budget
 extended 12 -> 20, stopped by patience); best instance round 0, CNN depth 2 width 64 embedding 32:
@@ -125,6 +127,19 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.train.max_epochs = 6
         config.train.patience = 2
         config.plots = False  # most of a smoke run's time; the tests that look at them ask
+    elif variant == "blocks":
+        # The default job over the block fields of models.Arch too (README "Blocks").
+        config.search.space.depth = (1, 2, 3)
+        config.search.space.width = (32, 64)
+        config.search.space.norm = ("none", "layer", "group")
+        config.search.space.residual = (False, True)
+        # CNN-only fields are conditional: an MLP has no kernel size (models.Arch resets it).
+        cnn = {"backbone": "cnn"}
+        config.search.space.kernel_size = {"values": (3, 5), "when": cnn}
+        config.search.space.downsample = {"values": ("every", "alternate"), "when": cnn}
+        config.search.space.width_growth = (1.0, 2.0)
     elif variant:
-        raise ValueError(f"Unknown variant {variant!r} of configs/digits.py; use '' or 'smoke'.")
+        raise ValueError(
+            f"Unknown variant {variant!r} of configs/digits.py; use '', 'smoke' or 'blocks'."
+        )
     return config

@@ -4,6 +4,11 @@ A model is built from an :class:`Arch` (what the architecture search chooses), t
 spec, and a dropout log-rate drawn per instance. The log-rate lives in the model state as a
 non-trainable :class:`LogRate` variable, so instances of one ``Arch`` with different rates share
 one compiled program.
+
+A block is ``layer -> [norm] -> GELU -> ExpDropout [+ skip]``: the feature layer, GELU and the
+``exp(r)`` dropout of claim 2 are always there; the normalization, the residual skip, the CNN
+kernel size, the downsampling schedule and the per-block widths are ``Arch`` fields whose
+defaults are the original blocks (so metadata written before they existed loads unchanged).
 """
 
 from __future__ import annotations
@@ -14,23 +19,50 @@ import math
 from collections.abc import Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxes import backbones
 
+# The blocks live in jaxes.blocks; models is where callers find them, with the backbones.
+from jaxes.blocks import (  # noqa: F401
+    NORMS,
+    ConvSame,
+    ExpDropout,
+    FeatureBlock,
+    LogRate,
+    check_log_rate,
+    group_count,
+)
+
 BACKBONES = ("mlp", "cnn")
+# Where a CNN halves its resolution (2x2 average pool after a block, while the side is >= 8):
+# "every" block (the original rule), every second block counting back from the last (so the
+# last block always pools), or never.
+DOWNSAMPLES = ("every", "alternate", "none")
+# The block fields of ``Arch`` (issue #11); each default is the original block.
+BLOCK_FIELDS = ("kernel_size", "downsample", "norm", "residual", "width_growth")
+# Fields that only a CNN reads. An MLP ignores them and ``Arch`` resets them to their defaults,
+# so two MLPs that differ only there are one architecture (dedup and program caches stay exact).
+CNN_ONLY = ("kernel_size", "downsample")
 
 
 @dataclasses.dataclass(frozen=True)
 class Arch:
-    """An architecture: hashable, JSON round-trip exact, validated on construction.
+    """An architecture: hashable, JSON round-trip exact, validated and canonical on construction.
 
     Attributes:
-      backbone: "mlp" (dense blocks on the flattened image) or "cnn" (3x3 conv blocks).
+      backbone: "mlp" (dense blocks on the flattened image) or "cnn" (conv blocks).
       depth: number of feature blocks, >= 1.
-      width: units (mlp) or channels (cnn) of each block, >= 1.
+      width: units (mlp) or channels (cnn) of the first block, >= 1.
       embed_dim: size of the feature vector that ``embed`` returns, >= 1.
+      kernel_size: (cnn) the odd side of each conv kernel, 1 to 7.
+      downsample: (cnn) the pooling schedule, one of ``DOWNSAMPLES``.
+      norm: normalization after each feature layer: "none", "layer" (over a block's units; for
+        a CNN over the channels of each position) or "group" (groups of units or channels).
+      residual: add each block's input to its output, from the second block on (the first one
+        reads the image): identity where the widths agree, a learned 1x1 projection elsewhere.
+      width_growth: block ``i`` has ``round(width * width_growth**i)`` units (``widths``);
+        1.0 keeps every block at ``width``, 2.0 doubles it per block, 0.5 halves it.
       options: a registered backbone's own fields (``jaxes.backbones``), as sorted
         ``(name, value)`` pairs; empty for the built-in backbones, whose other fields a
         registered one ignores (``to_dict`` leaves them out).
@@ -40,6 +72,13 @@ class Arch:
     depth: int = 2
     width: int = 256
     embed_dim: int = 64
+    # --- Block fields (issue #11). Defaults are the original blocks: old dicts load as before.
+    kernel_size: int = 3
+    downsample: str = "every"
+    norm: str = "none"
+    residual: bool = False
+    width_growth: float = 1.0
+    # --- End of block fields.
     options: tuple = ()
 
     def __post_init__(self):
@@ -58,11 +97,48 @@ class Arch:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Arch.{name} must be an int >= 1, got {value!r}.")
+        self._check_blocks()
+
+    def _check_blocks(self):
+        """Validates the block fields and resets those that do not apply (canonical form)."""
+        k = self.kernel_size
+        if isinstance(k, bool) or not isinstance(k, int) or k not in (1, 3, 5, 7):
+            raise ValueError(f"Arch.kernel_size must be one of 1, 3, 5, 7 (odd), got {k!r}.")
+        if self.downsample not in DOWNSAMPLES:
+            raise ValueError(
+                f"Arch.downsample must be one of {DOWNSAMPLES}, got {self.downsample!r}."
+            )
+        if self.norm not in NORMS:
+            raise ValueError(f"Arch.norm must be one of {NORMS}, got {self.norm!r}.")
+        if not isinstance(self.residual, bool):
+            raise ValueError(f"Arch.residual must be True or False, got {self.residual!r}.")
+        growth = self.width_growth
+        number = isinstance(growth, int | float) and not isinstance(growth, bool)
+        if not (number and math.isfinite(growth) and 0.125 <= growth <= 8):
+            raise ValueError(f"Arch.width_growth must be a number in [0.125, 8], got {growth!r}.")
+        canonical = {"width_growth": float(growth)}
+        if self.backbone != "cnn":
+            canonical |= {f.name: f.default for f in dataclasses.fields(self) if f.name in CNN_ONLY}
+        if not self.builtin:  # a registered backbone reads only its options
+            canonical |= {
+                f.name: f.default for f in dataclasses.fields(self) if f.name in BLOCK_FIELDS
+            }
+        if self.depth == 1:  # one block: no skip (it reads the image) and no growth
+            canonical |= {"residual": False, "width_growth": 1.0}
+        for name, value in canonical.items():
+            object.__setattr__(self, name, value)
 
     @property
     def builtin(self) -> bool:
         """Whether ``Model`` builds it (else a registered backbone does, unpadded)."""
         return self.backbone in BACKBONES
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The width of each block: ``round(width * width_growth**i)``, at least 1."""
+        return tuple(
+            max(1, math.floor(self.width * self.width_growth**i + 0.5)) for i in range(self.depth)
+        )
 
     def to_dict(self) -> dict:
         if not self.builtin:
@@ -78,92 +154,38 @@ class Arch:
         return cls(**d)
 
     def short(self) -> str:
-        """A compact label, e.g. ``mlp-2x256-e64`` or ``mixer(blocks=2,patch=2)``."""
+        """A compact label, e.g. ``mlp-2x256-e64`` (block fields appear when not the default)
+        or ``mixer(blocks=2,patch=2)``."""
         if not self.builtin:
             return f"{self.backbone}({','.join(f'{k}={v}' for k, v in self.options)})"
-        return f"{self.backbone}-{self.depth}x{self.width}-e{self.embed_dim}"
+        label = f"{self.backbone}-{self.depth}x{self.width}-e{self.embed_dim}"
+        if self.kernel_size != 3:
+            label += f"-k{self.kernel_size}"
+        if self.downsample != "every":
+            label += f"-pool:{self.downsample}"
+        if self.norm != "none":
+            label += f"-{self.norm}norm"
+        if self.residual:
+            label += "-res"
+        if self.width_growth != 1.0:
+            label += f"-grow{self.width_growth:g}"
+        return label
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-class LogRate(nnx.Variable):
-    """The dropout log-rate: state, never trained."""
-
-
-def check_log_rate(log_rate: float) -> float:
-    """Returns ``log_rate`` as float if it is finite and strictly negative, else raises."""
-    log_rate = float(log_rate)
-    if not (math.isfinite(log_rate) and log_rate < 0.0):
-        raise ValueError(
-            f"log_rate must be finite and < 0 (drop probability exp(log_rate) < 1), got {log_rate}."
-        )
-    return log_rate
-
-
-class ExpDropout(nnx.Module):
-    """Dropout whose drop probability is ``exp(log_rate)``, ``log_rate < 0`` (claim 2).
-
-    With ``key=None`` it is the identity (evaluation). Otherwise each unit is zeroed with
-    probability ``exp(log_rate)`` and the survivors are scaled by ``1 / (1 - exp(log_rate))``.
-    The key is explicit, so the same key always gives the same mask.
-    """
-
-    def __init__(self, log_rate: float):
-        self.log_rate = LogRate(jnp.asarray(check_log_rate(log_rate), jnp.float32))
-
-    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        if key is None:
-            return x
-        keep = 1.0 - jnp.exp(self.log_rate[...])
-        mask = jax.random.bernoulli(key, keep, x.shape)
-        return jnp.where(mask, x / keep, jnp.zeros_like(x))
-
-
-class Conv3x3(nnx.Module):
-    """A 3x3 convolution, stride 1, "SAME" padding: nine shifted slices, then one matmul.
-
-    Parameters and result are those of ``nnx.Conv(in, out, (3, 3))``. It avoids XLA:CPU's
-    convolution kernels: a two-conv gradient step took 38.5 ms with them and 24.0 ms like this as
-    a jitted step, and 1105 ms against 24.5 ms per step inside a ``lax.scan`` (jax-ml/jax#12868),
-    so CNN epochs can scan on CPU too (benchmarks/README.md).
-    """
-
-    def __init__(self, in_features: int, out_features: int, *, rngs):
-        shape = (3, 3, in_features, out_features)
-        self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), shape))
-        self.bias = nnx.Param(jnp.zeros((out_features,)))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        height, width = x.shape[1:3]
-        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        # Channel order (row, col, in) matches the kernel's row-major (3, 3, in) flattening.
-        patches = jnp.concatenate(
-            [padded[:, i : i + height, j : j + width, :] for i in range(3) for j in range(3)],
-            axis=-1,
-        )
-        kernel = self.kernel[...]
-        return patches @ kernel.reshape(-1, kernel.shape[-1]) + self.bias[...]
-
-
-class FeatureBlock(nnx.Module):
-    """Dense or 3x3 Conv -> GELU -> ExpDropout."""
-
-    def __init__(self, kind: str, in_features: int, out_features: int, log_rate: float, *, rngs):
-        if kind == "dense":
-            self.layer = nnx.Linear(in_features, out_features, rngs=rngs)
-        elif kind == "conv":
-            self.layer = Conv3x3(in_features, out_features, rngs=rngs)
-        else:
-            raise ValueError(f"FeatureBlock kind must be 'dense' or 'conv', got {kind!r}.")
-        self.dropout = ExpDropout(log_rate)
-
-    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        return self.dropout(jax.nn.gelu(self.layer(x)), key)
-
-
 def _block_keys(key, n):
     return [None] * n if key is None else [jax.random.fold_in(key, i) for i in range(n)]
+
+
+def _pools(arch: Arch, index: int) -> bool:
+    """Whether the downsampling schedule pools after block ``index`` (before the size rule)."""
+    if arch.downsample == "every":
+        return True
+    if arch.downsample == "alternate":
+        return (arch.depth - 1 - index) % 2 == 0
+    return False
 
 
 class Model(nnx.Module):
@@ -176,23 +198,21 @@ class Model(nnx.Module):
         height, width, channels = input_shape
         self.arch = arch
         blocks, pools = [], []
-        if arch.backbone == "mlp":
-            features = height * width * channels
-            for _ in range(arch.depth):
-                blocks.append(FeatureBlock("dense", features, arch.width, log_rate, rngs=rngs))
-                pools.append(False)
-                features = arch.width
-        else:
-            features = channels
-            for _ in range(arch.depth):
-                blocks.append(FeatureBlock("conv", features, arch.width, log_rate, rngs=rngs))
-                # Halve the resolution while it is at least 8, so deep stacks stay cheap.
-                pool = min(height, width) >= 8
-                pools.append(pool)
-                if pool:
-                    height, width = height // 2, width // 2
-                features = arch.width
-            features = height * width * arch.width
+        kind = "dense" if arch.backbone == "mlp" else "conv"
+        features = height * width * channels if kind == "dense" else channels
+        options = {"kernel_size": arch.kernel_size, "norm": arch.norm, "rngs": rngs}
+        for index, out in enumerate(arch.widths):
+            residual = arch.residual and index > 0
+            blocks.append(FeatureBlock(kind, features, out, log_rate, residual=residual, **options))
+            # A CNN halves its resolution by the schedule, while the side is at least 8, so
+            # 8x8 digits end at 4x4, 28x28 at 7x7 and 32x32 at 4x4 and deep stacks stay cheap.
+            pool = kind == "conv" and _pools(arch, index) and min(height, width) >= 8
+            pools.append(pool)
+            if pool:
+                height, width = height // 2, width // 2
+            features = out
+        if kind == "conv":
+            features = height * width * features
         self.blocks = nnx.List(blocks)
         self.pools = tuple(pools)
         self.embedding = nnx.Linear(features, arch.embed_dim, rngs=rngs)

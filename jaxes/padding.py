@@ -8,6 +8,15 @@ a padded unit's pre-activation is 0, GELU(0) = 0 and dropout keeps 0, so every p
 unpadded architecture (up to the order of float additions). The masks are applied after every
 update anyway, so nothing (weight decay, a non-finite step) can move the padding.
 
+Per-block widths (``Arch.width_growth``) pad block by block: block ``i`` of an instance has
+``arch.widths[i]`` real units of the bucket's ``bucket.widths[i]``. A residual skip adds zeros to
+zeros on the padding (an identity skip) or is a dense layer padded like the others (a
+projection). A normalized architecture (``norm != "none"``) does not pad its block widths: its
+mean and variance over a block's units would count the padded zeros and change the function,
+and masking them would need each instance's real width inside the model call, which the
+population program does not pass (it passes parameters only); its ``embed_dim`` still pads,
+since the embedding and head are not normalized.
+
 The real sizes are traced arguments (``RealSizes``), so one program serves every size in its
 bucket. ``init`` draws each kernel's real part from ``lecun_normal`` on the *real* fan-in, so the
 real units start from exactly the distribution of the unpadded init.
@@ -36,21 +45,31 @@ DEFAULT_PAD_BACKBONES = ("mlp",)
 
 @dataclasses.dataclass(frozen=True)
 class RealSizes:
-    """The traced sizes of one instance inside its bucket."""
+    """The traced sizes of one instance inside its bucket: its block widths and embedding size.
 
-    width: jax.Array
+    Attributes:
+      widths: (depth,) int32, the real width of each block (``Arch.widths``).
+      embed_dim: () int32, the real embedding size.
+    """
+
+    widths: jax.Array
     embed_dim: jax.Array
 
     @classmethod
+    def one(cls, arch: models.Arch) -> RealSizes:
+        """The sizes of one instance (no instance axis)."""
+        return cls(np.asarray(arch.widths, np.int32), np.asarray(arch.embed_dim, np.int32))
+
+    @classmethod
     def of(cls, archs: Sequence[models.Arch]) -> RealSizes:
-        """The stacked sizes of ``archs`` (a leading instance axis)."""
+        """The stacked sizes of ``archs`` (a leading instance axis; one bucket, so one depth)."""
         return cls(
-            width=np.asarray([a.width for a in archs], np.int32),
+            widths=np.asarray([a.widths for a in archs], np.int32),
             embed_dim=np.asarray([a.embed_dim for a in archs], np.int32),
         )
 
 
-jax.tree_util.register_dataclass(RealSizes, data_fields=["width", "embed_dim"], meta_fields=[])
+jax.tree_util.register_dataclass(RealSizes, data_fields=["widths", "embed_dim"], meta_fields=[])
 
 
 def bucket(
@@ -60,17 +79,21 @@ def bucket(
 ) -> models.Arch:
     """The bucket of ``arch``: its width and embedding size raised to the largest in ``space``.
 
+    Every other field (depth, growth, norm, residual, ...) stays: it shapes the program.
+
     Args:
       arch: the architecture.
       space: the search space (field -> values); a field it does not list keeps its value.
       pad_backbones: the backbones whose block widths pad; every backbone pads ``embed_dim``.
+        A normalized architecture never pads its block widths (module docstring).
     """
 
     def top(field, value):
         values = [v for v in space.get(field, ()) if isinstance(v, int) and not isinstance(v, bool)]
         return max([value, *values])
 
-    width = top("width", arch.width) if arch.backbone in pad_backbones else arch.width
+    pads = arch.backbone in pad_backbones and arch.norm == "none"
+    width = top("width", arch.width) if pads else arch.width
     return dataclasses.replace(arch, width=width, embed_dim=top("embed_dim", arch.embed_dim))
 
 
@@ -84,25 +107,27 @@ def _names(path: tuple) -> list:
     return names
 
 
-def _axes(path: tuple, ndim: int, backbone: str) -> tuple:
+def _axes(path: tuple, ndim: int, backbone: str, depth: int) -> tuple:
     """What bounds each axis of the parameter at ``path``.
 
-    ``None``: never padded; ``"width"``/``"embed"``: the first real-size entries are real;
-    ``"flat_width"``: a flattened (..., channels) axis whose channel index is ``i % channels``.
+    ``None``: never padded; ``("width", i)``: the first ``widths[i]`` entries are real;
+    ``"embed"``: the first ``embed_dim``; ``"flat_width"``: a flattened (..., channels) axis of
+    the last block's output, whose channel index is ``i % channels``.
     """
     names = _names(path)
     leaf = names[-1]
     if names[0] == "blocks":
-        first = names[1] == 0
-        out = ("width",)
-        if leaf == "bias":
-            return out
-        spatial = (None,) * (ndim - 2)
-        return (*spatial, None if first else "width", *out)
+        index = names[1]
+        out = ("width", index)
+        if leaf in ("bias", "scale"):  # layer, skip and norm vectors: one per output unit
+            return (out,)
+        into = None if index == 0 else ("width", index - 1)
+        spatial = (None,) * (ndim - 2)  # a conv kernel's (k, k); a dense kernel has none
+        return (*spatial, into, out)
     if names[0] == "embedding":
         if leaf == "bias":
             return ("embed",)
-        return ("flat_width" if backbone == "cnn" else "width", "embed")
+        return ("flat_width" if backbone == "cnn" else ("width", depth - 1), "embed")
     if names[0] == "head":
         return (None,) if leaf == "bias" else ("embed", None)
     raise ValueError(f"no padding rule for parameter {'/'.join(map(str, names))}")
@@ -112,23 +137,23 @@ def _axis_mask(kind, length: int, channels: int, sizes: RealSizes) -> jax.Array:
     index = jnp.arange(length)
     if kind is None:
         return jnp.ones((length,), bool)
-    if kind == "width":
-        return index < sizes.width
     if kind == "flat_width":
-        return index % channels < sizes.width
-    return index < sizes.embed_dim
+        return index % channels < sizes.widths[-1]
+    if kind == "embed":
+        return index < sizes.embed_dim
+    return index < sizes.widths[kind[1]]
 
 
 def masks(params, bucket_arch: models.Arch, sizes: RealSizes):
     """0/1 float masks shaped like ``params`` (one instance; traceable in ``sizes``)."""
 
     def mask(path, leaf):
-        axes = _axes(path, leaf.ndim, bucket_arch.backbone)
+        axes = _axes(path, leaf.ndim, bucket_arch.backbone, bucket_arch.depth)
         out = jnp.ones((), leaf.dtype)
         for axis, kind in enumerate(axes):
             if kind is None:
                 continue
-            m = _axis_mask(kind, leaf.shape[axis], bucket_arch.width, sizes)
+            m = _axis_mask(kind, leaf.shape[axis], bucket_arch.widths[-1], sizes)
             shape = [1] * leaf.ndim
             shape[axis] = leaf.shape[axis]
             out = out * m.reshape(shape).astype(leaf.dtype)
@@ -143,10 +168,12 @@ _TRUNCATED_STD = 0.87962566103423978
 
 
 def init(abstract_params, mask_tree, key: jax.Array):
-    """A fresh padded instance: ``lecun_normal`` kernels on the real fan-in, zero biases, masked.
+    """A fresh padded instance: ``lecun_normal`` kernels on the real fan-in, zero biases, unit
+    norm scales, masked.
 
-    The model's own init (``nnx.Linear`` and ``models.Conv3x3``) is ``lecun_normal``, a normal
-    truncated to two deviations with variance ``1 / fan_in``, and zero biases. Here ``fan_in`` is
+    The model's own init (``nnx.Linear`` and ``models.ConvSame``) is ``lecun_normal``, a normal
+    truncated to two deviations with variance ``1 / fan_in``, and zero biases; a norm's scale
+    starts at one (``nnx.LayerNorm``, ``nnx.GroupNorm``). Here ``fan_in`` is
     the real one (a traced count), so real units get exactly the unpadded distribution. All
     kernels come from one truncated-normal draw (one ``erfinv`` to compile, not one per layer).
     """
@@ -162,6 +189,8 @@ def init(abstract_params, mask_tree, key: jax.Array):
             std = jax.lax.rsqrt(real_in) / _TRUNCATED_STD
             value = draws[offset : offset + leaf.size].reshape(leaf.shape) * std
             offset += leaf.size
+        elif _names(leaves[i][0])[-1] == "scale":
+            value = jnp.ones(leaf.shape, leaf.dtype)
         else:
             value = jnp.zeros(leaf.shape, leaf.dtype)
         out.append((value * mask).astype(leaf.dtype))
@@ -170,21 +199,24 @@ def init(abstract_params, mask_tree, key: jax.Array):
 
 def unpad(pure: Mapping, bucket_arch: models.Arch, arch: models.Arch) -> dict:
     """The parameters of ``arch`` cut out of a padded instance's pure dict (host arrays)."""
-    sizes = {"width": arch.width, "embed": arch.embed_dim}
+    widths, channels = arch.widths, bucket_arch.widths[-1]
+
+    def real(kind) -> int:
+        return arch.embed_dim if kind == "embed" else widths[kind[1]]
 
     def cut(path, leaf):
         leaf = np.asarray(leaf)
-        if path[0] not in ("blocks", "embedding", "head"):
+        if path[0] not in ("blocks", "embedding", "head") or path[-1] == "log_rate":
             return leaf  # LogRate and other state: not padded
         keyed = [jax.tree_util.DictKey(p) for p in path]
-        axes = _axes(tuple(keyed), leaf.ndim, bucket_arch.backbone)
+        axes = _axes(tuple(keyed), leaf.ndim, bucket_arch.backbone, bucket_arch.depth)
         for axis, kind in enumerate(axes):
             if kind == "flat_width":
-                rows = leaf.shape[axis] // bucket_arch.width
-                grid = leaf.reshape(rows, bucket_arch.width, *leaf.shape[axis + 1 :])
-                leaf = grid[:, : arch.width].reshape(rows * arch.width, *leaf.shape[axis + 1 :])
+                rows = leaf.shape[axis] // channels
+                grid = leaf.reshape(rows, channels, *leaf.shape[axis + 1 :])
+                leaf = grid[:, : widths[-1]].reshape(rows * widths[-1], *leaf.shape[axis + 1 :])
             elif kind is not None:
-                leaf = np.take(leaf, np.arange(sizes[kind]), axis=axis)
+                leaf = np.take(leaf, np.arange(real(kind)), axis=axis)
         return leaf
 
     def walk(node, path):

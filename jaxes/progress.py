@@ -20,6 +20,11 @@ from typing import Any, TextIO
 _ARCH_ABBREVIATIONS = {
     "depth": "d", "width": "w", "embed_dim": "e", "learning_rate": "lr", "weight_decay": "wd",
 }  # fmt: skip
+# models.Arch's block fields at their defaults are left out of labels (this module stays stdlib
+# only, so the values are repeated here; tests/test_blocks.py checks they match models.Arch).
+ARCH_LABEL_DEFAULTS = {
+    "kernel_size": 3, "downsample": "every", "norm": "none", "residual": False, "width_growth": 1.0,
+}  # fmt: skip
 
 
 def _finite(value: Any) -> bool:
@@ -305,7 +310,9 @@ def arch_short(arch: Any) -> str:
         return "-" if arch is None else str(arch)
     parts = [str(arch.get("backbone", "?"))]
     for key, value in arch.items():
-        if key != "backbone":
+        if key != "backbone" and not (
+            key in ARCH_LABEL_DEFAULTS and value == ARCH_LABEL_DEFAULTS[key]
+        ):
             short = _ARCH_ABBREVIATIONS.get(key)
             if isinstance(value, float):  # a searched range: 3 digits tell values apart
                 value = f"{value:.3g}"

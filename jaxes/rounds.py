@@ -257,6 +257,9 @@ def _run(config, workdir, data, mesh, strategy, run_guard, *, stream, live) -> d
         enabled=is_primary,
         purge_step=tol.round if state else None,
     )
+    # Every round is also an HParams session; on resume exactly the committed rounds have one.
+    sessions = tboard.Sessions(Path(workdir) / files.TENSORBOARD, enabled=is_primary)
+    sessions.sync(records)
     engine = train_lib.Engine(
         data,
         config.train,
@@ -308,6 +311,7 @@ def _run(config, workdir, data, mesh, strategy, run_guard, *, stream, live) -> d
                     workdir_lib.append_round(workdir, record)
                 records.append(record)
                 writer.write_round(record)  # before the commit: a resume purges it, never loses it
+                sessions.write(record)  # likewise: a resume's sync drops it
             if best_save is not None:
                 t, result = best_save
                 meta = instance.Meta(

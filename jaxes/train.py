@@ -34,7 +34,7 @@ DRIVERS = ("scan", "unrolled", "host")
 # Measured ahead of time by benchmarks/train_throughput.py (README, 2-core CPU): the fastest
 # driver per (backbone, platform), counting compile time. Static on purpose (module docstring).
 # CPU: scan runs the MLP at 2.8x and the CNN at 1.3x the plain host loop. The CNN scans fast
-# only because models.Conv3x3 avoids XLA:CPU's conv kernels (#12868: 0.1x plain in a scan);
+# only because models.ConvSame avoids XLA:CPU's conv kernels (#12868: 0.1x plain in a scan);
 # unrolled never won and compiles 3-5x longer. Other platforms default to scan.
 DRIVER_TABLE = {
     ("mlp", "cpu"): "scan",

@@ -86,8 +86,8 @@ def test_conv_blocks_are_3x3_convolutions():
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 1), (3, 5, 7, 4)])
-def test_conv3x3_equals_a_same_padded_xla_convolution(shape):
-    layer = models.Conv3x3(shape[-1], 6, rngs=nnx.Rngs(3))
+def test_conv_same_3x3_equals_a_same_padded_xla_convolution(shape):
+    layer = models.ConvSame(shape[-1], 6, rngs=nnx.Rngs(3))
     layer.bias[...] = jax.random.normal(jax.random.key(4), (6,))
     x = jax.random.normal(jax.random.key(5), shape)
     reference = jax.lax.conv_general_dilated(

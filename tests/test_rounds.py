@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxes import stopping, workdir
+from jaxes import stopping, tboard, workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = f"--config={ROOT / 'configs' / 'digits.py'}:smoke"
@@ -112,11 +112,26 @@ def test_two_fresh_runs_are_identical(reference, tmp_path, digits_data_dir, asse
     assert_same_run(reference, tmp_path)
 
 
+def _same_sessions(reference, path) -> None:
+    """The HParams sessions of a resumed run are the uninterrupted run's: none lost or doubled."""
+    from tests.test_hparams import read_sessions
+
+    def strip(sessions):  # wall times differ between runs
+        for session in sessions.values():
+            session["metrics"].pop("hparams/wall_seconds")
+        return sessions
+
+    expected = strip(read_sessions(reference / "tensorboard"))
+    assert sorted(expected) == [r["round_index"] for r in workdir.read_rounds(reference)]
+    assert strip(read_sessions(path / "tensorboard")) == expected
+
+
 def test_resume_after_sigkill_between_rounds(reference, tmp_path, digits_data_dir, assert_same_run):
     _run_killed(tmp_path, digits_data_dir, lambda p: _committed_rounds(p) >= 2)
     assert not (tmp_path / "summary.json").exists()
     _run_here(tmp_path, digits_data_dir)
     assert_same_run(reference, tmp_path)
+    _same_sessions(reference, tmp_path)
 
 
 def test_resume_after_sigkill_mid_round(reference, tmp_path, digits_data_dir, assert_same_run):
@@ -239,11 +254,14 @@ def test_resume_after_a_kill_at_an_exact_point(
     )
     assert killed.returncode == 137, killed.stderr
     assert len(list((tmp_path / "checkpoints").glob("[0-9]*"))) == 2  # two bests on disk
+    # Round 1's session was written before its commit, which never came: the resume drops it.
+    assert tboard.Sessions(tmp_path / "tensorboard").on_disk() == [0, 1]
     _run_here(tmp_path, digits_data_dir)
     assert [p.name for p in (tmp_path / "checkpoints").glob("[0-9]*")] == [
         str(workdir.read_summary(reference)["best_round"])
     ]
     assert_same_run(reference, tmp_path)
+    _same_sessions(reference, tmp_path)
 
 
 def test_a_diverging_round_is_recorded_as_failed_and_the_run_goes_on(
