@@ -72,6 +72,8 @@ def fingerprint(config) -> str:
     d = json.loads(config.to_json())
     fields = ("seed", "dataset", "metric", "mode", "rounds", "search", "train", "parallel")
     keep = {k: d[k] for k in fields}
+    if keep["search"]["strategy"] != "tpe":  # tpe's settings shape only tpe's sequences
+        keep["search"] = {k: v for k, v in keep["search"].items() if k != "tpe"}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

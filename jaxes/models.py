@@ -141,9 +141,16 @@ class Arch:
         )
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict; block fields at their defaults are left out, so an
+        original block has the dict it had before they existed (old records compare equal)."""
         if not self.builtin:
             return {"backbone": self.backbone, "options": dict(self.options)}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "options"}
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in BLOCK_FIELDS}
+        return {
+            k: v
+            for k, v in dataclasses.asdict(self).items()
+            if k != "options" and not (k in defaults and v == defaults[k])
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Arch:
