@@ -7,7 +7,7 @@ Variants by argument: `configs/digits.py:smoke` (a seconds-long run for tests) a
 `configs/digits.py:blocks` (the same search over the block fields too: norm, residual skips,
 kernel size, pooling schedule, per-block widths).
 
-On the 2-core CPU dev machine (2026-12-01): ~2 min 30 s cold; 14 rounds (tolerance 7, budget
+On the 2-core CPU dev machine (2026-12-02): ~2 min cold; 14 rounds (tolerance 7, budget
 extended 12 -> 20, stopped by patience); best instance round 0, CNN depth 2 width 64 embedding 32:
 validation accuracy 0.9805, test accuracy 0.9833, kNN top-1 of its test embeddings 0.9749. The
 smoke variant: ~10-20 s, four rounds (tolerance 2, budget extended 4 -> 5), test accuracy ~0.84,
