@@ -1,6 +1,6 @@
 """tpe against random and evolution at equal rounds, on digits, over seeds.
 
-    flock /tmp/jaxes-cpu.lock .venv/bin/python experiments/strategy_study.py
+    .venv/bin/python experiments/strategy_study.py
 
 Every (strategy, seed) runs a fixed number of rounds (no stopping rule: the comparison is of the
 searches, at equal budgets) in generations of ``--population`` rounds, through jaxes' own engine:
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     runs = {s: {int(k): v for k, v in runs[s].items() if int(k) < args.seeds} for s in runs}
     counts = sorted({args.population, args.rounds // 2, args.rounds} | {8})
     text = table(runs, [c for c in counts if c <= args.rounds])
-    command = "flock /tmp/jaxes-cpu.lock .venv/bin/python experiments/strategy_study.py"
+    command = ".venv/bin/python experiments/strategy_study.py"
     if argv:
         command += " " + " ".join(argv)
     header = (

@@ -1,7 +1,7 @@
 """Does the randomized tolerance pay? Every stopping rule replayed on real searches.
 
 Command (2 CPU cores, under the shared lock; the first run trains, later runs read the cache):
-    flock /tmp/jaxes-cpu.lock python experiments/tolerance_study.py
+    .venv/bin/python experiments/tolerance_study.py
     python experiments/tolerance_study.py --smoke      # seconds: 2 seeds, tiny budgets
 """
 
