@@ -1,8 +1,8 @@
 """Does the randomized tolerance pay? Every stopping rule replayed on real searches.
 
-Command (2 CPU cores, under the shared lock; the first run trains, later runs read the cache):
+Command (the first run trains, about 17 min on 2 CPU cores; later runs read the cache):
     .venv/bin/python experiments/tolerance_study.py
-    python experiments/tolerance_study.py --smoke      # seconds: 2 seeds, tiny budgets
+    .venv/bin/python experiments/tolerance_study.py --smoke   # seconds: 2 seeds, tiny budgets
 """
 
 from __future__ import annotations
