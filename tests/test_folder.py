@@ -62,6 +62,12 @@ def run_here(*args) -> subprocess.CompletedProcess:
     return run_module(*args[1:])
 
 
+def folder_main(path, data_dir, workdir) -> tuple[str, ...]:
+    """``-m jaxes.main`` with configs/folder.py:smoke on the folder ``path``."""
+    return ("-m", "jaxes.main", FOLDER_CONFIG, f"--config.data.path={path}",
+            f"--config.data_dir={data_dir}", f"--workdir={workdir}")  # fmt: skip
+
+
 def one_sentence(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
@@ -79,14 +85,7 @@ def mnist_folder(tmp_path_factory) -> tuple[Path, dict[str, int]]:
 def folder_run(tmp_path_factory, mnist_folder):
     """A finished configs/folder.py:smoke run on the 300-image folder: (workdir, data_dir)."""
     workdir, data_dir = tmp_path_factory.mktemp("folder_run"), tmp_path_factory.mktemp("fd")
-    proc = run_cli(
-        "-m",
-        "jaxes.main",
-        FOLDER_CONFIG,
-        f"--config.data.path={mnist_folder[0]}",
-        f"--config.data_dir={data_dir}",
-        f"--workdir={workdir}",
-    )
+    proc = run_cli(*folder_main(mnist_folder[0], data_dir, workdir))
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-3000:]}"
     return workdir, data_dir
 
@@ -205,14 +204,7 @@ def test_bad_folders_exit_2_with_one_sentence_and_leave_nothing(tmp_path, make, 
 def test_fewer_images_than_a_batch_exits_2(tmp_path):
     root = tmp_path / "images"
     write_folder(root, 30)
-    proc = run_here(
-        "-m",
-        "jaxes.main",
-        FOLDER_CONFIG,
-        f"--config.data.path={root}",
-        f"--config.data_dir={tmp_path / 'tfds'}",
-        f"--workdir={tmp_path / 'run'}",
-    )
+    proc = run_here(*folder_main(root, tmp_path / "tfds", tmp_path / "run"))
     line = one_sentence(proc)
     assert "train.batch_size" in line and "training examples" in line
 
@@ -288,14 +280,7 @@ def test_resuming_on_a_changed_folder_is_refused(folder_run, mnist_folder, tmp_p
     (copy / "summary.json").unlink()
     recorded = json.loads((copy / "data.json").read_text())
     (copy / "data.json").write_text(json.dumps({**recorded, "fingerprint": "0123456789abcdef"}))
-    proc = run_here(
-        "-m",
-        "jaxes.main",
-        FOLDER_CONFIG,
-        f"--config.data.path={mnist_folder[0]}",
-        f"--config.data_dir={data_dir}",
-        f"--workdir={copy}",
-    )
+    proc = run_here(*folder_main(mnist_folder[0], data_dir, copy))
     line = one_sentence(proc)
     assert "changed since its run began" in line and "0123456789abcdef" in line
 

@@ -15,6 +15,7 @@ import pytest
 
 from jaxes import gain, workdir
 from tests.test_cli import run_cli
+from tests.test_generations import _smoke_config
 from tests.test_rounds import _committed_rounds, _run_killed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,15 +29,10 @@ def _cmd(path, data_dir):
 
 
 def _run(path, data_dir) -> dict:
-    """The gain smoke run in this process (as test_rounds._run_here)."""
-    from ml_collections.config_flags import config_flags
-
+    """The gain smoke run in this process."""
     from jaxes import rounds
 
-    config = config_flags.ConfigFileFlagParser("config").parse(SMOKE.split("=", 1)[1])
-    with config.unlocked():
-        config.data_dir = str(data_dir)
-        config.tolerance.rule = "gain"
+    config = _smoke_config(**{"tolerance.rule": "gain", "data_dir": str(data_dir)})
     with open(os.devnull, "w") as quiet:
         return rounds.run(config, path, stream=quiet)
 
