@@ -7,9 +7,7 @@ One scenario runs as a real process (the ``-m`` entry point); the others call th
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import os
 import subprocess
@@ -20,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxes import embed, images, infer, workdir
+from jaxes import images, infer, workdir
+from tests.test_cli import run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -32,17 +31,6 @@ def start_embed(*args) -> subprocess.Popen:
     return subprocess.Popen(
         cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
     )
-
-
-def embed_here(*args) -> subprocess.CompletedProcess:
-    """``python -m jaxes.embed ARGS`` through its ``main`` in this process."""
-    argv, out, err = [str(a) for a in args], io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = embed.main(argv)
-        except SystemExit as exit_:
-            code = exit_.code
-    return subprocess.CompletedProcess(["jaxes.embed", *argv], code, out.getvalue(), err.getvalue())
 
 
 def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
@@ -136,7 +124,7 @@ def cli(smoke_run, image_root, tmp_path_factory):
 
     real = start_embed(*argv("test"))  # meanwhile, the others in this process
     results = {
-        name: (embed_here(*argv(name)), base / name / "emb.npy")
+        name: (run_module("jaxes.embed", *argv(name)), base / name / "emb.npy")
         for name in scenarios
         if name != "test"
     }
