@@ -31,6 +31,30 @@ ROOT = Path(__file__).resolve().parents[1]
 PEER_PYTHON = ROOT / ".venv-peer" / "bin" / "python"
 
 
+def peer_space_config(seed: int, trials: int, population: int = 1):
+    """``configs/digits.py`` set to the peer's search: random over KerasTuner's space, exactly
+    ``trials`` rounds, batch 32, at most 100 epochs, patience 5."""
+    sys.path.insert(0, str(ROOT / "configs"))
+    import digits
+
+    config = digits.get_config()
+    config.seed = seed
+    config.rounds = trials
+    config.search.strategy = "random"
+    config.search.space.backbone = ("mlp", "cnn")
+    config.search.space.depth = (1, 2, 3)
+    config.search.space.width = (64, 128, 256)
+    config.search.space.embed_dim = (32, 64)
+    config.tolerance.patience = trials
+    config.tolerance.extend = False
+    config.train.batch_size = 32
+    config.train.max_epochs = 100
+    config.train.patience = 5
+    config.parallel.rounds = population
+    config.knn = False
+    return config
+
+
 def jaxes_side(args) -> None:
     """Runs the jaxes search in this (fresh) process and writes its JSON result."""
     os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
@@ -46,24 +70,7 @@ def jaxes_side(args) -> None:
             compile_seconds.append(duration)
 
     monitoring.register_event_duration_secs_listener(listen)
-    sys.path.insert(0, str(ROOT / "configs"))
-    import digits
-
-    config = digits.get_config()
-    config.seed = args.seed
-    config.rounds = args.trials
-    config.search.strategy = "random"
-    config.search.space.backbone = ("mlp", "cnn")
-    config.search.space.depth = (1, 2, 3)
-    config.search.space.width = (64, 128, 256)
-    config.search.space.embed_dim = (32, 64)
-    config.tolerance.patience = args.trials
-    config.tolerance.extend = False
-    config.train.batch_size = 32
-    config.train.max_epochs = 100
-    config.train.patience = 5
-    config.parallel.rounds = args.population
-    config.knn = False
+    config = peer_space_config(args.seed, args.trials, args.population)
     with tempfile.TemporaryDirectory() as workdir, open(os.devnull, "w") as devnull:
         start = time.monotonic()
         summary = rounds.run(config, workdir, stream=devnull)

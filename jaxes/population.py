@@ -178,7 +178,8 @@ def program(graphdef, st: Static, mesh, report: Callable | None = None) -> Calla
     pop = sharding.population_sharded(mesh)
     rep = sharding.replicated(mesh)
 
-    def fn(lanes, images, labels, val_images, val_labels, val_mask):
+    # Named for XLA's compile logs and jax.monitoring: "jit(round_program)".
+    def round_program(lanes, images, labels, val_images, val_labels, val_mask):
         def one(lane):
             return _train_one(graphdef, st, batch_spec, report, lane)(
                 images, labels, val_images, val_labels, val_mask
@@ -191,7 +192,7 @@ def program(graphdef, st: Static, mesh, report: Callable | None = None) -> Calla
         return jax.vmap(one, spmd_axis_name=sharding.ROUNDS_AXIS)(lanes)
 
     return jax.jit(
-        fn,
+        round_program,
         in_shardings=(pop, rep, rep, rep, rep, rep),
         out_shardings=rep,
     )
@@ -207,7 +208,7 @@ def init_program(bucket_arch, input_shape, num_classes: int, mesh) -> Callable:
         lambda: steps.init_instance(bucket_arch, input_shape, num_classes, jax.random.key(0), -1.0)
     )
 
-    def one(raw_key, log_rate, sizes):
+    def init_lane(raw_key, log_rate, sizes):
         if not bucket_arch.builtin:  # a registered backbone: its own init, never padded
             params, rest = steps.init_instance(
                 bucket_arch, input_shape, num_classes, jax.random.wrap_key_data(raw_key), log_rate
@@ -218,7 +219,7 @@ def init_program(bucket_arch, input_shape, num_classes: int, mesh) -> Callable:
         rest = jax.tree.map(lambda x: jnp.full(x.shape, log_rate, x.dtype), rest_shape)
         return params, rest, mask
 
-    return jax.jit(jax.vmap(one), in_shardings=(pop, pop, pop), out_shardings=pop)
+    return jax.jit(jax.vmap(init_lane), in_shardings=(pop, pop, pop), out_shardings=pop)
 
 
 def padded_validation(split: data_lib.Split, eval_batch: int) -> tuple[np.ndarray, ...]:

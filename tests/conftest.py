@@ -5,6 +5,9 @@
   compilation cache: the many short runs of the end-to-end tests compile each program once.
   A cached executable is the same program, so bitwise-reproducibility tests still compare like
   with like.
+* XLA:CPU's fusion emitters are off (``--xla_cpu_use_fusion_emitters=false``, unless
+  ``XLA_FLAGS`` names the flag): the suite is mostly compiling, and its programs compile about
+  30% faster that way with bitwise the same results (``benchmarks/compile_flags.py``).
 * One prepared digits data dir and one finished smoke run per session, shared by the xdist
   workers through a file lock (``shared``): the first worker to ask makes it.
 * Round records of a small made-up run, for the plot, TensorBoard and progress tests.
@@ -26,6 +29,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+XLA_CPU_FLAG = "--xla_cpu_use_fusion_emitters=false"
+if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_CPU_FLAG}".strip()
+
+
+def device_flags(devices: int) -> str:
+    """``XLA_FLAGS`` for a subprocess that sees ``devices`` CPU devices (and the suite's flag)."""
+    return f"--xla_force_host_platform_device_count={devices} {XLA_CPU_FLAG}"
+
 
 # After the environment above, which JAX reads at import.
 from jaxes import data, instance, workdir  # noqa: E402

@@ -17,6 +17,7 @@ import pytest
 from jaxes import checkpoint
 from jaxes.checkpoint import Checkpointer, CheckpointError
 from jaxes.files import atomic_write_text
+from tests.conftest import XLA_CPU_FLAG
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
 
@@ -51,7 +52,7 @@ def _assert_bitwise_equal(actual, expected):
 
 def _run_python(source, *args, xla_flags=""):
     """Runs ``source`` in a fresh CPU-only interpreter; XLA_FLAGS sets its device count."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{xla_flags} {XLA_CPU_FLAG}"}
     return subprocess.run(
         [sys.executable, "-c", source, *args], env=env, capture_output=True, text=True, timeout=120
     )

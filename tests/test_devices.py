@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 from jaxes import workdir
+from tests.conftest import device_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ _RUN_ON_8 = textwrap.dedent(
 
 def test_the_smoke_run_on_8_devices_matches_one_device(smoke_run, tmp_path, digits_data_dir):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = device_flags(8)
     config = ROOT / "configs" / "digits.py"
     proc = subprocess.run(
         [sys.executable, "-c", _RUN_ON_8, str(config), str(tmp_path), str(digits_data_dir)],

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from jaxes import stopping, tboard, workdir
+from tests.conftest import device_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = f"--config={ROOT / 'configs' / 'digits.py'}:smoke"
@@ -25,7 +26,7 @@ SMOKE = f"--config={ROOT / 'configs' / 'digits.py'}:smoke"
 
 def _env(devices: int = 1) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = device_flags(devices)
     return env
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from jaxes import hostloop, infer, models, sharding, train
+from tests.conftest import device_flags
 
 CONFIG_FILE = pathlib.Path(__file__).parent.parent / "configs" / "digits.py"
 TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
@@ -236,9 +237,7 @@ def test_eight_device_step_matches_one_device_step(digits, tmp_path):
     np.save(tmp_path / "labels.npy", digits.train.labels[:batch_size])
     script = tmp_path / "sharded_step.py"
     script.write_text(_SHARDED_STEP)
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
+    env = dict(os.environ, XLA_FLAGS=device_flags(8), JAX_PLATFORMS="cpu")
     completed = subprocess.run(
         [
             sys.executable,
@@ -289,6 +288,6 @@ def test_without_a_listener_a_fresh_engine_reuses_the_cached_round_program(digit
             train.Engine(digits, config, on_epoch=listener).train([job])
         requests = [name for name in counter.compiles if name != "cache hit"]
         missed[listener is None] = len(requests) - counter.compiles.count("cache hit")
-        assert "jit(fn)" in requests  # the round program was asked for
+        assert "jit(round_program)" in requests  # the round program was asked for
     assert missed[True] == 0
     assert missed[False] == 1  # with a listener, the round program compiles every time

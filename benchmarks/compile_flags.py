@@ -1,0 +1,106 @@
+"""XLA:CPU's fusion emitters on and off: compile and train seconds of the same rounds.
+
+    .venv/bin/python benchmarks/compile_flags.py [--trials=3 --repeats=3]
+
+``XLA_FLAGS=--xla_cpu_use_fusion_emitters=false`` makes XLA:CPU compile jaxes' round programs
+faster and run them a little slower (README, "Training speed"); the test suite sets it, since it
+is mostly compiling (``tests/conftest.py``). This measures the trade: each setting runs the first
+``--trials`` rounds of ``search_vs_peer.py``'s random search (seed 0, so the same architectures
+at every setting), cold in a fresh process (no persistent compilation cache), ``--repeats``
+times, alternating settings so that a busy machine slows both alike. Printed per setting: the
+median over repeats of the XLA compile seconds of the round programs (one per architecture
+bucket), of every compile, of the wall time and of the wall time less compiles; and whether every
+round's validation loss equals the first setting's bitwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUND_PROGRAM = "jit(round_program)"  # population.program's name in XLA's compile events
+SETTINGS = {
+    "fusion emitters off": "--xla_cpu_use_fusion_emitters=false",
+    "fusion emitters on (XLA's default)": "--xla_cpu_use_fusion_emitters=true",
+}
+
+
+def child(trials: int, out: str) -> None:
+    """One cold run in this process: compile seconds by program name, round losses, wall."""
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+    from jax import monitoring
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import search_vs_peer
+
+    from jaxes import rounds
+
+    compiles: dict[str, float] = {}
+
+    def listen(event, duration, fun_name="?", **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles[fun_name] = compiles.get(fun_name, 0.0) + duration
+
+    monitoring.register_event_duration_secs_listener(listen)
+    config = search_vs_peer.peer_space_config(seed=0, trials=trials)
+    config.plots = False
+    with tempfile.TemporaryDirectory() as workdir, open(os.devnull, "w") as devnull:
+        start = time.monotonic()
+        rounds.run(config, workdir, stream=devnull)
+        wall = time.monotonic() - start
+        lines = (Path(workdir) / "rounds.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+    result = {
+        "wall": wall,
+        "compiles": compiles,
+        "val_loss": [r["val_loss"] for r in records],
+        "archs": [r["arch"] for r in records],
+    }
+    Path(out).write_text(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.trials, args.child)
+    runs: dict[str, list[dict]] = {name: [] for name in SETTINGS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):
+            for name, flag in SETTINGS.items():
+                out = Path(tmp) / "run.json"
+                env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
+                env.pop("JAX_COMPILATION_CACHE_DIR", None)
+                cmd = [sys.executable, __file__, f"--trials={args.trials}", f"--child={out}"]
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
+                runs[name].append(json.loads(out.read_text()))
+    first = next(iter(runs.values()))[0]
+    print(f"{args.trials} rounds: {[a['backbone'] + str(a['depth']) for a in first['archs']]}, "
+          f"{args.repeats} cold runs per setting, medians")  # fmt: skip
+    print("| setting | round programs compile s | all compiles s | wall s | wall - compiles s "
+          "| val losses equal |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for name, rs in runs.items():
+        program = statistics.median(r["compiles"].get(ROUND_PROGRAM, 0.0) for r in rs)
+        every = statistics.median(sum(r["compiles"].values()) for r in rs)
+        wall = statistics.median(r["wall"] for r in rs)
+        train = statistics.median(r["wall"] - sum(r["compiles"].values()) for r in rs)
+        equal = all(r["val_loss"] == first["val_loss"] for r in rs)
+        print(f"| {name} | {program:.1f} | {every:.1f} | {wall:.1f} | {train:.1f} | {equal} |")
+
+
+if __name__ == "__main__":
+    main()
