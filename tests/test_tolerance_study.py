@@ -5,6 +5,7 @@ read it; the live tests train a few smoke rounds with jaxes' engine and compare 
 """
 
 import io
+import itertools
 import json
 import math
 import random
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
+import gain_variants  # noqa: E402
 import study_cache  # noqa: E402
 import study_rules  # noqa: E402
 import study_stats  # noqa: E402
@@ -182,3 +184,30 @@ def test_replaying_on_the_cache_equals_a_live_run(
     assert summary["test_accuracy"] == entry["test"][str(summary["best_round"])]
     live = [json.loads(line)["metric"] for line in (tmp_path / rule / "rounds.jsonl").open()]
     assert live == entry["val"][:used]
+
+
+# ------------------------------------------------- gain_variants: how gain's defaults were chosen
+
+
+@pytest.fixture(scope="module")
+def full_cache():
+    return study_cache.load_cache(ROOT / "experiments" / "results" / "tolerance_cache.json")
+
+
+def test_the_chosen_variant_is_jaxes_gain_at_its_defaults(full_cache):
+    for strategy, seed, budget in itertools.product(study_cache.STRATEGIES, range(4), (20, 40)):
+        val = full_cache[f"{strategy}-{seed}"]["val"]
+        assert gain_variants.variant_rule(val, budget, *gain_variants.CHOSEN) == (
+            study_rules.gain_rule(val, budget)
+        ), (strategy, seed, budget)
+
+
+def test_the_earlier_variant_is_the_earlier_gain(full_cache):
+    # Mean rounds of jaxes.gain before experiments/gain_variants.py (commit a8ef3db), 20 seeds:
+    # random R = 20, 40, then evolution R = 20, 40.
+    means = []
+    for strategy, budget in itertools.product(("random", "evolution"), (20, 40)):
+        used = [gain_variants.variant_rule(full_cache[f"{strategy}-{s}"]["val"], budget,
+                                           *gain_variants.EARLIER) for s in range(20)]  # fmt: skip
+        means.append(round(sum(used) / len(used), 1))
+    assert means == [8.7, 15.4, 8.4, 15.4]
