@@ -1,6 +1,6 @@
 """How ``jaxes.gain``'s defaults were chosen: a small grid of principled variants, on seeds 0-9.
 
-Command (seconds; reads the study's cache, trains nothing):
+Command (about 40 s on 2 cores; reads the study's cache, trains nothing):
     .venv/bin/python experiments/gain_variants.py
 
 The grid: the tail (``"exp"``, the exponential fitted by its mean
