@@ -4,37 +4,33 @@ Standard library only, with the protocol of ``jaxes.stopping`` (``init``, ``upda
 immutable ``State`` that round-trips exactly through JSON, ``StoppedError``, one-sentence
 ``ValueError``s naming the argument). Beside the patent's rule, never instead of it.
 
-The rule (mode "max"; "min" negates every metric first). After each round, with ``n`` rounds
-seen, the best ``b`` and ``m`` rounds left in the budget, it looks at the recent half of the run,
-the last ``h = ceil(n / 2)`` rounds (a non-finite round counts as a draw below every other): a
-search that learns, as evolution does, proposes from where it is now, not from where it started,
-so its past rounds understate what the next ones can reach (the sliding-window estimate of a
-drifting source, Garivier and Moulines 2011). It fits a peaks-over-threshold tail to the
-``k = ceil(sqrt(h))`` best finite values of that window (Pickands-Balkema-de Haan; exponential
-excesses over the threshold ``u``, the ``(k+1)``-th best, which overstates the tail of a bounded
-metric such as an accuracy and so errs toward running on) and keeps the uncertainty of its scale:
-under the Jeffreys prior the rate given the excesses' sum ``S`` is Gamma(k, S), so a next round
-exceeds ``u`` by more than ``x`` with chance ``(k / h) * (1 + x / S)**-k`` (the posterior
-predictive, a generalized Pareto of shape ``1 / k``; Coles 2001, section 9.1.2), whose heavier
-tail for a small ``k`` says that a tail fitted to a few rounds may be wider than it looks. The
-expected gain of the best of ``m`` such rounds over ``b`` (the empirical expected improvement of
-Jones et al. 1998, over the remaining budget) is ``integral_0^inf 1 - (1 - q(x))**m dx`` with
-``q(x)`` the chance of beating ``b + x``, exact in closed form (``expected_gain``); it needs
-``k >= 2`` (at ``k = 1`` its mean is infinite), so the first estimate comes after 5 rounds. The
-run stops (reason ``"gain"``) once this falls below the noise floor ``sigma``: the resolution at
-which a better validation score still means a better instance, the same idea as the automatic
-termination of Makarova et al. (2022), which stops when the regret bound drops below the metric's
-statistical error. ``sigma`` is ``noise`` if given; otherwise, for values on a grid ``i / N`` in
-[0, 1] (an accuracy on ``N`` examples: ``N`` is the least common denominator of the values), the
+The rule (mode "max"; "min" negates every metric first). After round ``n``, with the best ``b``
+and ``m`` rounds left in the budget, it looks at the recent half of the run, the last
+``h = ceil(n / 2)`` rounds (a non-finite round counts as a draw below every other): a search that
+learns, as evolution does, proposes from where it is now, so its early rounds understate what the
+next ones can reach (the sliding-window estimate of a drifting source; Garivier and Moulines 2011).
+It fits a peaks-over-threshold tail (Pickands-Balkema-de Haan) to the ``k = ceil(sqrt(h))`` best
+finite values there: exponential excesses over ``u``, the ``(k+1)``-th best (which overstates the
+tail of a bounded metric such as an accuracy, and so errs toward running on), whose scale it does
+not pretend to know: under the Jeffreys prior the excesses' sum ``S`` leaves the rate Gamma(k, S),
+so a next round exceeds ``u`` by more than ``x`` with chance ``(k / h) * (1 + x / S)**-k`` (the
+posterior predictive, a generalized Pareto of shape ``1 / k``; Coles 2001, section 9.1.2), a tail
+that is heavier when few values lie in it. With ``q(x)`` the chance that such a round beats
+``b + x``, the expected gain of the best of ``m`` of them over ``b`` (the expected improvement of
+Jones et al. 1998, over the remaining budget) is ``integral_0^inf 1 - (1 - q(x))**m dx``, in closed
+form in ``expected_gain``; it needs ``k >= 2`` (at ``k = 1`` its mean is infinite), so the first
+estimate comes at round 5. The run stops (reason ``"gain"``) once the gain falls below the noise
+floor ``sigma``, the resolution at which a better validation score still means a better instance
+(as the automatic termination of Makarova et al. 2022 stops when its regret bound drops below the
+metric's statistical error): ``noise`` if given; otherwise, for values on a grid ``i / N`` in
+[0, 1] (an accuracy on ``N`` examples, ``N`` the least common denominator of the values), the
 binomial standard error ``sqrt(q * (1 - q) / N)`` at ``q = |b|``, at least ``1 / N``; otherwise the
-smallest gap between two distinct values seen (pass ``noise`` for a continuous metric). No stop
-comes before ``warmup`` rounds, by default ``max(3, ceil(rounds / e))``: the observation phase of
-the classic best-choice problem (Lindley 1961; Ferguson 1989, "Who solved the secretary
-problem?") looks at the first ``1/e`` of the draws before it commits. When the budget is spent,
-it extends one round at a time, up to ``max_rounds`` (default ``2 * rounds``), while the next
-round alone is still expected to gain ``sigma`` (``extend``, default True): the search is still
-climbing. These defaults were chosen on seeds 0-9 of the tolerance study and reported on all 20
-(README "Results").
+smallest gap between two distinct values seen. No stop comes before ``warmup`` rounds, by default
+``max(3, ceil(rounds / e))``, the observation phase of the best-choice problem (Lindley 1961;
+Ferguson 1989). When the budget is spent it extends one round at a time, up to ``max_rounds``
+(default ``2 * rounds``), while the next round alone is still expected to gain ``sigma``
+(``extend``). The defaults were chosen on seeds 0-9 of the tolerance study and are reported on all
+20 (README "Results", ``experiments/gain_variants.py``).
 """
 
 from __future__ import annotations
@@ -246,20 +242,18 @@ def expected_gain(values, rounds_left: int, best: float | None = None) -> float 
     """The expected gain of the best of ``rounds_left`` more rounds over ``best`` (mode "max").
 
     Args:
-        values: the window's metrics in round order, oriented so that higher is better; None (or
-            any non-finite value) is a failed round, a draw below every other.
+        values: the window's metrics, oriented so that higher is better; None (or a non-finite
+            value) is a failed round, a draw below every other.
         rounds_left: how many more rounds the budget allows, >= 0.
-        best: the best so far (default: the window's best); never below the window's best.
+        best: the best so far, at least the window's best (default: the window's best).
 
     Returns:
-        With ``h = len(values)``, ``k = ceil(sqrt(h))`` tail values over the threshold ``u`` (the
-        ``(k+1)``-th best finite value), their excesses' sum ``S``, ``d = best - u`` and
-        ``q(x) = (k / h) * (1 + (d + x) / S)**-k`` (module docstring), the integral
-        ``integral_0^inf 1 - (1 - q(x))**m dx``. Substituting ``y = q(x)`` gives
-        ``(S / k) * (k / h)**(1 / k) * sum_{j<m} I_j``, ``I_j = integral_0^q(0) (1 - y)**j
-        y**(-1/k) dy``, summed by the recurrence ``(a + j) I_j = j I_{j-1} + q0**a (1 - q0)**j``,
-        ``a = 1 - 1/k``, all of whose terms are positive. 0.0 if the tail values are all equal
-        or no round is left; None if fewer than two values lie in the tail.
+        The integral of the module docstring, with ``h = len(values)``, ``c = k / h`` and
+        ``q0 = c * (1 + (best - u) / S)**-k``: substituting ``y = q(x)`` it is
+        ``(S / k) * c**(1 / k) * sum_{j<m} I_j``, ``I_j = integral_0^q0 (1 - y)**j y**(-1/k) dy``,
+        and ``(a + j) I_j = j I_{j-1} + q0**a (1 - q0)**j`` (``a = 1 - 1/k``) sums it with
+        positive terms only. 0.0 if the tail values are all equal or no round is left; None if
+        fewer than two values lie in the tail.
     """
     ordered = sorted((v for v in values if v is not None and math.isfinite(v)), reverse=True)
     h = len(values)
