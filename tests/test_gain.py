@@ -63,6 +63,10 @@ CASES = [
     # (k / h) * S / (k - 1) * (1 + d / S)**-(k - 1) = (2/3) * 3 * 3/5 = 1.2 < 2: no extension.
     ("budget reached, the next round is not worth its noise", {"rounds": 5, "noise": 2.0},
      [1, 2, 3, 4, 5], 5, "budget", 4, [5] * 5),
+    # The same window after [0, 0, 3, 4, 5], one round left: 1.2 < 1.5, a stop. Fitted to every
+    # round the tail would be wider: k = 3 over u = 0, S = 12: (3/5) * 12/2 * (17/12)**-2 = 1.79.
+    ("the tail is the recent half: early rounds do not widen it",
+     {"rounds": 6, "noise": 1.5, "warmup": 1}, [0, 0, 3, 4, 5], 5, "gain", 4, [6] * 5),
     ("no extension with extend=False", {"rounds": 5, "noise": 1e-9, "extend": False},
      [1, 2, 3, 4, 5], 5, "budget", 4, [5] * 5),
     # Next-round gains by the same formula: round 5: 1.2; round 6, window [4, 5, 0]: u = 0,
