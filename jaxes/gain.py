@@ -53,7 +53,7 @@ _MAX_GRID = 1_000_000
 
 @dataclasses.dataclass(frozen=True)
 class State:
-    """The whole gain state; every field is a JSON scalar or a list of finite floats.
+    """The whole gain state; every field is a JSON scalar or a list of finite floats and None.
 
     The first fields are the ``init`` arguments (``max_rounds`` resolved). ``rounds`` is the
     current budget, ``round`` the number of updates so far, ``values`` the metrics seen (as
