@@ -87,7 +87,7 @@ def plot(rows: list[dict], path: Path) -> None:
     axes = fig.subplots(2, max(1, len(cells) // 2), squeeze=False).T.ravel()
     styles = {"patent": ("o", "tab:red"), "optuna": ("s", "tab:purple"),
               "ax": ("D", "tab:brown"), "gain": ("*", "tab:green"), "oracle": ("x", "black"),
-              "full": ("P", "gray"), "gain, old default": ("*", "yellowgreen")}  # fmt: skip
+              "full": ("P", "gray"), "gain, earlier default": ("*", "yellowgreen")}  # fmt: skip
     for ax, (strategy, budget) in zip(axes, cells, strict=False):
         these = [r for r in rows if (r["strategy"], r["budget"]) == (strategy, budget)]
         full = next(r for r in these if r["family"] == "full")

@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import math
 
+import gain_variants
 import numpy as np
 import study_rules as rules
 
@@ -23,6 +24,7 @@ PATIENCES = (1, 2, 3, 5, 8, 10, 15, 20)
 FIXED_BUDGETS = (5, 10, 15, 20, 30)
 RATIOS = (0.7, 0.8, 0.9)
 PATENT_DEFAULT = "patent 0.8 ext"  # configs/digits.py: ratio 0.8, budget extension on
+EARLIER_GAIN = "gain, all rounds, exp tail"  # gain's default before experiments/gain_variants.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +65,10 @@ def rule_set(budget: int, horizon: int) -> list[Rule]:
         out.append(Rule(f"ax window 5 bar {bar}", "ax",
                         one(lambda v, r, b=bar: rules.ax_improvement(v, r, 5, b))))  # fmt: skip
     out.append(Rule("gain", "gain", one(rules.gain_rule)))
-    # The rule's earlier default (a fixed warmup of 3 rounds), kept in the tables for the record.
-    out.append(Rule("gain warmup 3", "gain, old default",
-                    one(lambda v, r: rules.gain_rule(v, r, warmup=3))))  # fmt: skip
+    # The rule's earlier default (an exponential tail fitted to every round, experiments/
+    # gain_variants.py), kept in the tables for the record.
+    earlier = lambda v, r: gain_variants.variant_rule(v, r, *gain_variants.EARLIER)  # noqa: E731
+    out.append(Rule(EARLIER_GAIN, "gain, earlier default", one(earlier)))
     return out
 
 

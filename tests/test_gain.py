@@ -25,52 +25,64 @@ def run(kwargs, metrics):
     return states
 
 
-def mean_excess_of_max(values, draws, m):
-    """E[(max of m draws - best)+] under the exponential tail, by the trapezoid rule.
+def mean_excess_of_max(values, m, best):
+    """E[(max of m draws - best)+] under the predictive tail, by the midpoint rule.
 
     An independent route to ``expected_gain``: it integrates the survival function of the
-    maximum, ``1 - (1 - p * exp(-x / beta))**m``, instead of summing the series.
+    maximum, ``1 - (1 - q(x))**m`` with ``q(x) = (k / h) * (1 + (d + x) / S)**-k``, over
+    ``x = S * t / (1 - t)``, instead of the closed-form recurrence.
     """
-    ordered = sorted(values, reverse=True)
-    k = min(math.ceil(math.sqrt(draws)), len(ordered) - 1)
+    ordered = sorted((v for v in values if v is not None), reverse=True)
+    h = len(values)
+    k = min(math.ceil(math.sqrt(h)), len(ordered) - 1)
     u = ordered[k]
-    beta = sum(v - u for v in ordered[:k]) / k
-    p = k / draws * math.exp(-(ordered[0] - u) / beta)
-    steps, top = 200_000, 60 * beta
-    h = top / steps
-    f = [1 - (1 - p * math.exp(-i * h / beta)) ** m for i in range(steps + 1)]
-    return h * (sum(f) - 0.5 * (f[0] + f[-1]))
+    s = sum(v - u for v in ordered[:k])
+    d = best - u
+    steps, total = 20_000, 0.0
+    for i in range(steps):
+        t = (i + 0.5) / steps
+        x, dx = s * t / (1 - t), s / (1 - t) ** 2 / steps
+        total += (1 - (1 - (k / h) * (1 + (d + x) / s) ** -k) ** m) * dx
+    return total
 
 
 # Each case: name, init kwargs, metrics, final round, reason (None: running), best_round,
-# budget after each update. Worked by hand from the rule in the module docstring.
+# budget after each update. Worked by hand from the rule in the module docstring: the tail is
+# fitted to the last ceil(n / 2) rounds and needs 3 finite values there, so from round 5 on.
 CASES = [
-    ("a flat top has no gain: stop once warm", {"rounds": 10, "noise": 0.1, "warmup": 3},
-     [0.5, 0.5, 0.5], 3, "gain", 0, [10, 10, 10]),
-    # The default warmup is max(3, ceil(rounds / e)): ceil(10 / e) = 4, ceil(30 / e) = 12.
-    ("default warmup: the flat top waits for ceil(10 / e) rounds", {"rounds": 10, "noise": 0.1},
-     [0.5] * 4, 4, "gain", 0, [10] * 4),
+    ("a flat top has no gain: stop at once", {"rounds": 10, "noise": 0.1, "warmup": 3},
+     [0.5] * 5, 5, "gain", 0, [10] * 5),
+    ("no estimate before round 5, even with warmup 1", {"rounds": 10, "noise": 0.1, "warmup": 1},
+     [0.5] * 5, 5, "gain", 0, [10] * 5),
+    # The default warmup is max(3, ceil(rounds / e)): ceil(20 / e) = 8, ceil(30 / e) = 12.
+    ("default warmup: the flat top waits for ceil(20 / e) rounds", {"rounds": 20, "noise": 0.1},
+     [0.5] * 8, 8, "gain", 0, [20] * 8),
     ("default warmup: ceil(30 / e) = 12 rounds", {"rounds": 30, "noise": 0.1},
      [0.5] * 12, 12, "gain", 0, [30] * 12),
-    ("warmup 1 stops on the second flat round", {"rounds": 10, "noise": 0.1, "warmup": 1},
-     [0.5, 0.5], 2, "gain", 0, [10, 10]),
-    # Round 2: k=1, beta=1, p=e^-1/2, one round left: gain 0.18 < 1 but round 2 < warmup 3.
-    # Round 3: the budget is spent; the next round alone would gain 1.5 * (2/3) e^(-4/3) =
-    # 0.26 < 1: no extension.
-    ("budget reached, the next round is not worth its noise", {"rounds": 3, "noise": 1.0},
-     [1, 2, 3], 3, "budget", 2, [3, 3, 3]),
-    ("no extension with extend=False", {"rounds": 3, "noise": 1e-9, "extend": False},
-     [1, 2, 3], 3, "budget", 2, [3, 3, 3]),
-    # Next-round gains: round 3: beta 1.5, p (2/3) e^(-4/3): 0.264; round 4: 1.5 * (2/4)
-    # e^(-4/3) = 0.198; round 5: k=3, beta 2, p (3/5) e^(-3/2): 0.268; each >= 0.1: extend.
-    ("extends one round at a time up to max_rounds", {"rounds": 3, "noise": 0.1},
-     [1, 2, 3, 0, 0, 0], 6, "max_rounds", 2, [3, 3, 4, 5, 6, 6]),
+    # Round 5: window [3, 4, 5], k = 2 over u = 3, S = 3, d = 2; one more round gains
+    # (k / h) * S / (k - 1) * (1 + d / S)**-(k - 1) = (2/3) * 3 * 3/5 = 1.2 < 2: no extension.
+    ("budget reached, the next round is not worth its noise", {"rounds": 5, "noise": 2.0},
+     [1, 2, 3, 4, 5], 5, "budget", 4, [5] * 5),
+    # The same window after [0, 0, 3, 4, 5], one round left: 1.2 < 1.5, a stop. Fitted to every
+    # round the tail would be wider: k = 3 over u = 0, S = 12: (3/5) * 12/2 * (17/12)**-2 = 1.79.
+    ("the tail is the recent half: early rounds do not widen it",
+     {"rounds": 6, "noise": 1.5, "warmup": 1}, [0, 0, 3, 4, 5], 5, "gain", 4, [6] * 5),
+    ("no extension with extend=False", {"rounds": 5, "noise": 1e-9, "extend": False},
+     [1, 2, 3, 4, 5], 5, "budget", 4, [5] * 5),
+    # Next-round gains by the same formula: round 5: 1.2; round 6, window [4, 5, 0]: u = 0,
+    # S = 9, d = 5: (2/3) * 9 * 9/14 = 3.86; round 7, [4, 5, 0, 0]: (2/4) * 9 * 9/14 = 2.89;
+    # round 8, [5, 0, 0, 0]: S = 5: (2/4) * 5 * 1/2 = 1.25; round 9, [5, 0, 0, 0, 0]: k = 3:
+    # (3/5) * 5/2 * (1/2)**2 = 0.375; each >= 0.1: extend, up to max_rounds = 10.
+    ("extends one round at a time up to max_rounds", {"rounds": 5, "noise": 0.1},
+     [1, 2, 3, 4, 5, 0, 0, 0, 0, 0], 10, "max_rounds", 4, [5, 5, 5, 5, 6, 7, 8, 9, 10, 10]),
+    # Rounds 5 and 6: the window [inf, -inf, 1] then [inf, 1, 1] has too few finite values;
+    # round 7: [-inf, 1, 1, 1], k = 2 over u = 1: a flat top.
     ("non-finite rounds count as draws, never best", {"rounds": 10, "noise": 0.1, "warmup": 3},
-     [NAN, 1.0, INF, -INF, 1.0], 5, "gain", 1, [10] * 5),
+     [NAN, 1.0, INF, -INF, 1.0, 1.0, 1.0], 7, "gain", 1, [10] * 7),
     ("nonfinite=stop stops at once", {"rounds": 10, "nonfinite": "stop"},
      [1.0, NAN], 2, "nonfinite", 0, [10, 10]),
     ("mode min: the lowest is best", {"rounds": 10, "noise": 0.1, "mode": "min", "warmup": 3},
-     [3.0, 2.0, 2.0, 2.0], 4, "gain", 1, [10] * 4),
+     [3.0, 2.0, 2.0, 2.0, 2.0], 5, "gain", 1, [10] * 5),
 ]  # fmt: skip
 
 
@@ -88,42 +100,52 @@ def test_hand_worked_sequences(name, kwargs, metrics, final_round, reason, best_
 
 
 def test_mode_min_case_gain_is_zero_on_a_flat_top():
-    # [3, 2, 2, 2] in mode min: the top values 2, 2 over the threshold 2 give beta = 0.
-    final = run({"rounds": 10, "noise": 0.1, "mode": "min"}, [3.0, 2.0, 2.0, 2.0])[-1]
+    # [3, 2, 2, 2, 2] in mode min: the window's top values 2, 2 over the threshold 2: S = 0.
+    final = run({"rounds": 10, "noise": 0.1, "mode": "min"}, [3.0, 2.0, 2.0, 2.0, 2.0])[-1]
     assert final.gain == 0.0
     assert final.best == 2.0
+    assert final.values == (3.0, 2.0, 2.0, 2.0, 2.0)
 
 
-def test_expected_gain_two_values_by_hand():
-    # n=2: k=1, threshold 0.5, beta 0.2, p = e^-1 / 2; with one round left the gain is beta * p.
-    assert gain.expected_gain([0.5, 0.7], 2, 1) == pytest.approx(0.2 * math.exp(-1) / 2, 1e-12)
-    # Two rounds left: beta * (p + (1 - (1 - p)^2) / 2).
-    p = math.exp(-1) / 2
-    assert gain.expected_gain([0.5, 0.7], 2, 2) == pytest.approx(0.2 * (p + (1 - (1 - p) ** 2) / 2))
+def test_expected_gain_by_hand():
+    # [3, 4, 5]: k = 2 over u = 3, S = 3. One round: integral of q = (k/h) S/(k-1) (1+d/S)^-(k-1).
+    assert gain.expected_gain([3.0, 4.0, 5.0], 1) == pytest.approx(1.2, rel=1e-12)
+    assert gain.expected_gain([3.0, 4.0, 5.0], 1, best=6.0) == pytest.approx(1.0, rel=1e-12)
+    # Two rounds: integral of 2q - q^2, and q^2 integrates to (k/h)^2 S/(2k-1) (1+d/S)^-(2k-1).
+    two = 2 * 1.2 - (2 / 3) ** 2 * 3 / 3 * (3 / 5) ** 3
+    assert gain.expected_gain([3.0, 4.0, 5.0], 2) == pytest.approx(two, rel=1e-12)
+    # A failed round is a draw: h = 4 halves nothing of the tail but lowers k / h.
+    assert gain.expected_gain([None, 3.0, 4.0, 5.0], 1) == pytest.approx(2 / 4 * 3 * 3 / 5)
 
 
 def test_expected_gain_edges():
-    assert gain.expected_gain([0.5], 1, 5) is None  # no tail yet
-    assert gain.expected_gain([0.5, 0.7], 2, 0) == 0.0  # no rounds left
-    assert gain.expected_gain([0.7, 0.7, 0.7, 0.5], 4, 5) == 0.0  # a flat top: k=2, u=0.7
+    assert gain.expected_gain([0.5, 0.7], 5) is None  # k = 1: no finite mean yet
+    assert gain.expected_gain([None, 0.5, 0.7, None], 5) is None  # two finite values
+    assert gain.expected_gain([0.5, 0.6, 0.7], 0) == 0.0  # no rounds left
+    assert gain.expected_gain([0.7, 0.7, 0.7, 0.5], 5) == 0.0  # a flat top: k=2, u=0.7
+    with pytest.raises(ValueError, match="best must be at least"):
+        gain.expected_gain([0.5, 0.6, 0.7], 3, best=0.6)
+    assert [gain.window(n) for n in (1, 2, 5, 20)] == [1, 1, 3, 10]
 
 
 @FAST
 @given(
-    st.lists(st.integers(0, 1000).map(lambda i: i / 1000), min_size=2, max_size=40),
-    st.integers(0, 5),
+    st.lists(st.one_of(st.integers(0, 1000).map(lambda i: i / 1000), st.none()), min_size=3,
+             max_size=40),
     st.integers(1, 60),
-)
-def test_expected_gain_matches_the_integral_of_the_maximum(values, failed, m):
-    draws = len(values) + failed
-    got = gain.expected_gain(values, draws, m)
-    ordered = sorted(values, reverse=True)
-    k = min(math.ceil(math.sqrt(draws)), len(ordered) - 1)
-    if ordered[0] == ordered[k]:
+    st.integers(0, 100).map(lambda i: i / 1000),
+)  # fmt: skip
+def test_expected_gain_matches_the_integral_of_the_maximum(values, m, above):
+    finite = sorted((v for v in values if v is not None), reverse=True)
+    got = gain.expected_gain(values, m, best=None if not finite else finite[0] + above)
+    k = min(math.ceil(math.sqrt(len(values))), len(finite) - 1)
+    if k < 2:
+        assert got is None
+    elif finite[0] == finite[k]:
         assert got == 0.0
     else:
-        assert got == pytest.approx(mean_excess_of_max(values, draws, m), rel=1e-6)
-        assert got <= gain.expected_gain(values, draws, m + 1)
+        assert got == pytest.approx(mean_excess_of_max(values, m, finite[0] + above), rel=1e-4)
+        assert got <= gain.expected_gain(values, m + 1, best=finite[0] + above)
 
 
 def test_noise_floor_of_an_accuracy_grid():
@@ -145,7 +167,7 @@ def test_noise_floor_fallbacks():
 
 
 def test_stopped_state_raises_and_shares_stoppings_error():
-    final = run({"rounds": 10, "noise": 0.1, "warmup": 1}, [0.5, 0.5])[-1]
+    final = run({"rounds": 10, "noise": 0.1, "warmup": 1}, [0.5] * 5)[-1]
     with pytest.raises(stopping.StoppedError, match=r"gain\.init"):
         gain.update(final, 0.5)
     assert gain.StoppedError is stopping.StoppedError
@@ -183,6 +205,8 @@ def test_bad_metric_and_bad_dict():
         gain.State.from_dict({k: v for k, v in d.items() if k != "values"})
     with pytest.raises(ValueError, match="values must be a list of finite"):
         gain.State.from_dict({**d, "values": [NAN]})
+    with pytest.raises(ValueError, match=r"values must hold one entry per round \(0\), got 1"):
+        gain.State.from_dict({**d, "values": [0.5]})
     with pytest.raises(ValueError, match="warmup must be"):
         gain.State.from_dict({**d, "warmup": 0})
 
@@ -259,7 +283,7 @@ def test_invariants(kwargs, seq):
         seen = [m for m in seq[: i + 1] if math.isfinite(m)]
         assert s.round == i + 1
         assert s.failed == i + 1 - len(seen)
-        assert list(s.values) == seen
+        assert [v for v in s.values if v is not None] == seen and len(s.values) == i + 1
         if seen:  # the best is the first maximum; a non-finite metric never is
             assert s.best == max(seen) and seq[s.best_round] == s.best
             assert s.best_round == seq.index(s.best)

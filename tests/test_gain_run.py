@@ -21,18 +21,22 @@ from tests.test_rounds import _committed_rounds, _run_killed
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = f"--config={ROOT / 'configs' / 'digits.py'}:smoke"
 GAIN = "--config.tolerance.rule=gain"
+# gain's first estimate comes at round 5 (its tail needs 3 values in the last ceil(n / 2)
+# rounds): a budget of 5, and max_rounds 6 to cap its extension.
+BUDGET = {"rounds": 5, "tolerance.max_rounds": 6}
 
 
 def _cmd(path, data_dir):
     return [sys.executable, "-m", "jaxes.main", SMOKE, GAIN, f"--workdir={path}",
-            f"--config.data_dir={data_dir}"]  # fmt: skip
+            f"--config.data_dir={data_dir}",
+            *(f"--config.{k}={v}" for k, v in BUDGET.items())]  # fmt: skip
 
 
 def _run(path, data_dir) -> dict:
     """The gain smoke run in this process."""
     from jaxes import rounds
 
-    config = _smoke_config(**{"tolerance.rule": "gain", "data_dir": str(data_dir)})
+    config = _smoke_config(**{"tolerance.rule": "gain", "data_dir": str(data_dir), **BUDGET})
     with open(os.devnull, "w") as quiet:
         return rounds.run(config, path, stream=quiet)
 
@@ -61,7 +65,8 @@ def test_a_gain_run_writes_its_summary_plot_and_records(gain_run):
     records = workdir.read_rounds(gain_run)
     assert len(records) == summary["rounds_run"]
     # The records replay the rule: the same metrics through gain give the same estimates.
-    state = gain.init(4)  # configs/digits.py:smoke: rounds 4, defaults otherwise
+    state = gain.init(5, max_rounds=6)  # BUDGET; the defaults otherwise
+    assert any(record["expected_gain"] is not None for record in records)
     for record in records:
         state = gain.update(state, record["metric"])
         assert (record["expected_gain"], record["noise_floor"]) == (state.gain, state.floor)

@@ -5,6 +5,7 @@ read it; the live tests train a few smoke rounds with jaxes' engine and compare 
 """
 
 import io
+import itertools
 import json
 import math
 import random
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
+import gain_variants  # noqa: E402
 import study_cache  # noqa: E402
 import study_rules  # noqa: E402
 import study_stats  # noqa: E402
@@ -133,38 +135,47 @@ def test_fixed_patience_counts_ties_as_no_improvement():
 # ------------------------------------------------- replaying a rule equals running it live
 
 LIVE_BUDGET = 3
-GAIN_STOPS = {"noise": 0.05, "warmup": 2}  # a floor the smoke rounds fall under: a "gain" stop
+# gain's tail is fitted to the last ceil(n / 2) rounds and needs 3 finite values there, so its
+# first estimate comes at round 5: its live runs have budgets of 6 rounds, the smoke horizon.
+# A floor the smoke rounds fall under at round 5 (random-0's last round is worth 0.04): a stop.
+GAIN_STOPS = {"noise": 0.05}
+# At its defaults gain extends at round 5, the budget, and max_rounds = 6 caps it there: 3 of
+# those rounds are evolution's children, proposed from what the run observed, so the live run
+# must follow the cached sequence.
+GAIN_EXTENDS = {"max_rounds": 6}
 
 
 @pytest.mark.parametrize(
-    ("rule", "gain_kwargs", "strategy", "seed"),
-    [("gain", GAIN_STOPS, "random", 0), ("patent", {}, "random", 0), ("gain", {}, "evolution", 0)],
-    # At its defaults gain extends evolution-0 to 6 rounds: 3 of them are evolution's children,
-    # proposed from what the run observed, so the live run must follow the cached sequence.
+    ("rule", "gain_kwargs", "strategy", "seed", "budget", "reason"),
+    [
+        ("gain", GAIN_STOPS, "random", 0, 6, "gain"),
+        ("patent", {}, "random", 0, LIVE_BUDGET, None),
+        ("gain", GAIN_EXTENDS, "evolution", 0, 5, "max_rounds"),
+    ],
     ids=["gain", "patent", "gain-defaults-evolution"],
 )
 def test_replaying_on_the_cache_equals_a_live_run(
-    cache, tmp_path, digits_data_dir, rule, gain_kwargs, strategy, seed
+    cache, tmp_path, digits_data_dir, rule, gain_kwargs, strategy, seed, budget, reason
 ):
     config = study_cache.study_config(
         strategy, seed, HORIZON, smoke=True, data_dir=str(digits_data_dir)
     )
-    config.rounds = LIVE_BUDGET
+    config.rounds = budget
     config.tolerance.rule = rule
     config.tolerance.patience = None  # the patent's: drawn from the seed (claim 3)
     config.tolerance.extend = True
-    config.tolerance.gain.update(gain_kwargs)
+    config.tolerance.max_rounds = gain_kwargs.get("max_rounds")
+    config.tolerance.gain.update({k: v for k, v in gain_kwargs.items() if k != "max_rounds"})
     summary = rounds.run(config, tmp_path / rule, stream=io.StringIO())
     entry = cache[f"{strategy}-{seed}"]
     if rule == "gain":
-        used = study_rules.gain_rule(entry["val"], LIVE_BUDGET, **gain_kwargs)
-        if gain_kwargs:
-            assert summary["stop_reason"] == "gain"
+        used = study_rules.gain_rule(entry["val"], budget, **gain_kwargs)
+        assert summary["stop_reason"] == reason
     else:
         r = keys.tolerance_r(keys.root(config.seed))
-        patience = stopping.patience_from(LIVE_BUDGET, config.tolerance.ratio, r)
+        patience = stopping.patience_from(budget, config.tolerance.ratio, r)
         assert summary["patience"] == patience
-        used = study_rules.patent(entry["val"], LIVE_BUDGET, patience, 0.8, True)
+        used = study_rules.patent(entry["val"], budget, patience, 0.8, True)
     if strategy == "evolution":
         assert used > config.search.population  # the run reached evolution's children
     assert summary["rule"] == rule
@@ -173,3 +184,30 @@ def test_replaying_on_the_cache_equals_a_live_run(
     assert summary["test_accuracy"] == entry["test"][str(summary["best_round"])]
     live = [json.loads(line)["metric"] for line in (tmp_path / rule / "rounds.jsonl").open()]
     assert live == entry["val"][:used]
+
+
+# ------------------------------------------------- gain_variants: how gain's defaults were chosen
+
+
+@pytest.fixture(scope="module")
+def full_cache():
+    return study_cache.load_cache(ROOT / "experiments" / "results" / "tolerance_cache.json")
+
+
+def test_the_chosen_variant_is_jaxes_gain_at_its_defaults(full_cache):
+    for strategy, seed, budget in itertools.product(study_cache.STRATEGIES, range(4), (20, 40)):
+        val = full_cache[f"{strategy}-{seed}"]["val"]
+        assert gain_variants.variant_rule(val, budget, *gain_variants.CHOSEN) == (
+            study_rules.gain_rule(val, budget)
+        ), (strategy, seed, budget)
+
+
+def test_the_earlier_variant_is_the_earlier_gain(full_cache):
+    # Mean rounds of jaxes.gain before experiments/gain_variants.py (commit a8ef3db), 20 seeds:
+    # random R = 20, 40, then evolution R = 20, 40.
+    means = []
+    for strategy, budget in itertools.product(("random", "evolution"), (20, 40)):
+        used = [gain_variants.variant_rule(full_cache[f"{strategy}-{s}"]["val"], budget,
+                                           *gain_variants.EARLIER) for s in range(20)]  # fmt: skip
+        means.append(round(sum(used) / len(used), 1))
+    assert means == [8.7, 15.4, 8.4, 15.4]
