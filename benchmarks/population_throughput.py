@@ -8,8 +8,12 @@ extension, so every K trains the same number of rounds), in a fresh process with
 compilation cache, so every compile is paid. Then, with ``--warm``, the same run again on a
 persistent cache that the first run filled: what a rerun of a study costs.
 
-Printed per K: wall seconds, rounds per minute, XLA compile seconds (``jax.monitoring``), the
-number of programs compiled (one per bucket and group size), distinct architectures, compile
+On a CPU run of one process and one device the engine trains each round of a generation as its
+own program, side by side on one host thread per core (``train.Engine._threads``);
+``--one_thread`` also runs each K > 1 the other way, vmapped groups on one thread, for the
+comparison. Printed per K: the engine's host threads (a generation of one round runs on one),
+wall seconds, rounds per minute, XLA compile seconds (``jax.monitoring``), the number of programs
+compiled (one per bucket and group size), distinct architectures, compile
 seconds per architecture and per program, best validation accuracy.
 """
 
@@ -48,6 +52,15 @@ def one_run(args) -> None:
         programs.append(self)
 
     train.Engine.__init__ = spy
+    threads = [1]
+    auto_threads = train.Engine._threads
+
+    def count_threads(self):
+        n = 1 if args.one_thread else auto_threads(self)
+        threads.append(n)
+        return n
+
+    train.Engine._threads = count_threads
     sys.path.insert(0, str(ROOT / "configs"))
     import digits
 
@@ -64,6 +77,7 @@ def one_run(args) -> None:
         records = workdir.read_rounds(path)
     result = {
         "population": args.population,
+        "threads": max(threads),
         "wall_seconds": wall,
         "rounds": summary["rounds_run"],
         "compile_seconds": sum(compiles),
@@ -83,14 +97,19 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--population", type=int, default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--one_thread", action="store_true",
+                        help="also run each K > 1 with the groups on one host thread")  # fmt: skip
     args = parser.parse_args()
     if args.population is not None:
         return one_run(args)
     load = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for k in (int(p) for p in args.populations.split(",")):
-            cache = Path(tmp) / f"cache{k}"
+        runs = [(int(p), False) for p in args.populations.split(",")]
+        if args.one_thread:
+            runs += [(k, True) for k, _ in runs if k > 1]
+        for k, one_thread in runs:
+            cache = Path(tmp) / f"cache{k}{'_1' if one_thread else ''}"
             modes = [("cold", None)] + ([("warm", cache)] if args.warm else [])
             for mode, _ in modes:
                 env = dict(os.environ)
@@ -98,25 +117,26 @@ def main() -> None:
                 if args.warm:  # the cold run fills the cache the warm run reads
                     env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
                     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-                out = Path(tmp) / f"{k}_{mode}.json"
+                out = Path(tmp) / f"{k}_{mode}_{one_thread}.json"
                 cmd = [sys.executable, __file__, f"--population={k}", f"--rounds={args.rounds}",
-                       f"--out={out}"]  # fmt: skip
+                       f"--out={out}"] + (["--one_thread"] if one_thread else [])  # fmt: skip
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
                 if proc.returncode:
                     raise SystemExit(proc.stderr[-4000:])
                 rows.append({"mode": mode, **json.loads(out.read_text())})
     print(f"load average at start {load:.2f}, at end {os.getloadavg()[0]:.2f}")
     base = {r["mode"]: r for r in rows if r["population"] == rows[0]["population"]}
-    print("| K | cache | wall s | rounds/min | vs K=1 | compile s | programs | archs | "
+    print("| K | threads | cache | wall s | rounds/min | vs K=1 | compile s | programs | archs | "
           "compile s / arch | compile s / program | best val |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rpm = 60 * r["rounds"] / r["wall_seconds"]
         ref = base[r["mode"]]
         speedup = rpm / (60 * ref["rounds"] / ref["wall_seconds"])
         per_program = r["compile_seconds"] / max(r["programs"], 1)
         print(
-            f"| {r['population']} | {r['mode']} | {r['wall_seconds']:.1f} | {rpm:.1f} | "
+            f"| {r['population']} | {r['threads']} | {r['mode']} | {r['wall_seconds']:.1f} | "
+            f"{rpm:.1f} | "
             f"{speedup:.2f}x | {r['compile_seconds']:.1f} | {r['programs']} | {r['archs']} | "
             f"{r['compile_seconds'] / r['archs']:.2f} | {per_program:.2f} | "
             f"{r['best_val_accuracy']:.4f} |"

@@ -4,7 +4,9 @@
 groups a generation's jobs by bucket (``padding``), pads each group to a power-of-two size that
 divides over the mesh's ``rounds`` axis, and runs one ``population`` program per group: every
 program is dispatched before any result is read, so the next group compiles while the previous
-one runs. A repeated (bucket, group size) never recompiles.
+one runs. On a CPU run of one process and one device, where ``vmap`` buys no throughput, every
+round is instead a group of one and the rounds run side by side on one host thread per core
+(``Engine._threads``). A repeated (bucket, group size) never recompiles.
 
 Epoch drivers (a static choice, never timed at run time, so one config always runs one program):
   * ``scan``: data lives on the device; an epoch is one ``lax.scan`` over a keyed permutation,
@@ -18,8 +20,10 @@ Epoch drivers (a static choice, never timed at run time, so one config always ru
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -98,6 +102,8 @@ class Engine:
       space: the search space (its largest sizes define the buckets); default: no padding.
       pad_backbones: the backbones whose widths pad (``padding.DEFAULT_PAD_BACKBONES``).
       on_epoch: ``on_epoch(job_index, epoch, val_loss)`` during training (host side).
+      host_threads: host threads per generation (default: ``_threads`` decides); 1 keeps
+        vmapped groups on a single-device CPU run too.
     """
 
     def __init__(
@@ -109,6 +115,7 @@ class Engine:
         space: Mapping[str, Sequence] | None = None,
         pad_backbones: Sequence[str] = padding.DEFAULT_PAD_BACKBONES,
         on_epoch: Callable[[int, int, float], None] | None = None,
+        host_threads: int | None = None,
     ):
         self.data, self.config = data, config
         self.mesh = sharding.make_mesh() if mesh is None else mesh
@@ -119,6 +126,9 @@ class Engine:
         self.space = dict(space or {})
         self.pad_backbones = tuple(pad_backbones)
         self.on_epoch = on_epoch
+        if host_threads is not None and host_threads < 1:
+            raise ValueError(f"host_threads must be at least 1, got {host_threads}.")
+        self.host_threads = host_threads
         self.programs: dict = {}  # (kind, bucket, static, size) -> compiled callables
         self.compiles = 0  # programs built so far (each compiles on first call)
         self._fits = hostloop.fits_on_device(data.train, config.device_memory_fraction, self.mesh)
@@ -150,15 +160,58 @@ class Engine:
                 results[i] = self._host(job, log_rates[i], i)
             else:
                 groups.setdefault((self.bucket(job.arch), driver), []).append(i)
-        pending = [
-            (indices, bucket, self._dispatch(bucket, driver, jobs, log_rates, indices))
-            for (bucket, driver), indices in groups.items()
-        ]
-        for indices, bucket, (outputs, driver) in pending:
-            host = jax.tree.map(np.asarray, outputs)
+        threads = self._threads()
+        if threads > 1:
+            # One program per round, rounds side by side on host threads (see _threads).
+            units = [(key, [i]) for key, indices in groups.items() for i in indices]
+        else:
+            units = list(groups.items())
+        for (bucket, driver), indices in units:  # built here: the threads only read them
+            st = self._static(driver)
+            rounds_axis = self.mesh.shape[sharding.ROUNDS_AXIS]
+            self._programs(bucket, st, group_size(len(indices), rounds_axis))
+            self._on_device(st.eval_batch_size)
+        if threads > 1 and len(units) > 1:
+            with concurrent.futures.ThreadPoolExecutor(min(threads, len(units))) as pool:
+                futures = [pool.submit(self._run_group, *key, jobs, log_rates, ix)
+                           for key, ix in units]  # fmt: skip
+                outputs = [f.result() for f in futures]
+        else:
+            # Dispatch every group before reading any result: the next one compiles meanwhile.
+            pending = [self._dispatch(*key, jobs, log_rates, ix) for key, ix in units]
+            outputs = [(jax.tree.map(np.asarray, out), driver) for out, driver in pending]
+        for ((bucket, _), indices), (host, driver) in zip(units, outputs, strict=True):
             for lane, i in enumerate(indices):
                 results[i] = self._result(jobs[i], log_rates[i], bucket, driver, host, lane)
         return results
+
+    def _threads(self) -> int:
+        """Host threads for a generation: ``host_threads`` if given; else one per core on a CPU
+        run of one process and one device without an epoch listener, and 1 otherwise.
+
+        With more than one thread every round is its own program (a group of one) and the
+        rounds run side by side, one per thread. XLA:CPU runs the programs that one thread
+        dispatches one after another, each on about one core for a small model, and ``vmap``
+        buys no throughput there (README, "Population rounds"); programs dispatched from two
+        threads run at once. Each program is deterministic, so the results do not depend on
+        the threads. More than one process would have to launch its collectives in the same
+        order on every host, a mesh of several devices is what the population axis is for, and
+        a listener would hear two programs at once: those keep one thread and vmapped groups.
+        """
+        if self.host_threads is not None:
+            return self.host_threads
+        if (
+            self.on_epoch is not None
+            or jax.process_count() > 1
+            or self.mesh.size > 1
+            or self.mesh.devices.flat[0].platform != "cpu"
+        ):
+            return 1
+        return len(os.sched_getaffinity(0))
+
+    def _run_group(self, bucket, driver, jobs, log_rates, indices):
+        outputs, driver = self._dispatch(bucket, driver, jobs, log_rates, indices)
+        return jax.tree.map(np.asarray, outputs), driver
 
     def _host(self, job: Job, log_rate: float, index: int) -> RoundResult:
         on_epoch = None

@@ -1,6 +1,7 @@
 """Tests for the population engine: the jnp convergence rule, padding, generations, sharding."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -210,7 +211,7 @@ def test_a_population_equals_its_members_trained_alone(digits):
         train.Job(a, jax.random.key(10 + i), lr, 1e-4)
         for i, (a, lr) in enumerate(zip(archs, (1e-3, 3e-3, 1e-2), strict=True))
     ]
-    engine = train.Engine(digits, config, space=space)
+    engine = train.Engine(digits, config, space=space, host_threads=1)  # vmapped, one thread
     together = engine.train(jobs)
     alone = [engine.train([job])[0] for job in jobs]
     assert engine.compiles == 2  # group sizes 4 (three jobs, padded) and 1
@@ -222,6 +223,39 @@ def test_a_population_equals_its_members_trained_alone(digits):
         )
     # Different hyper-parameters really did give different runs.
     assert len({r.epochs for r in together} | {r.metrics["val_loss"] for r in together}) > 1
+
+
+def test_rounds_on_host_threads_equal_the_rounds_trained_one_at_a_time(digits):
+    """On a CPU run of one process and one device every round of a generation is its own program
+    and the rounds run side by side on host threads; each program is deterministic, so every
+    result is bitwise what training that round alone gives."""
+    config = _train_config()
+    config.max_epochs = 8
+    config.patience = 2
+    space = {"backbone": ("mlp",), "width": (16, 32), "embed_dim": (8, 16)}
+    archs = [
+        models.Arch("mlp", 1, 16, 8),
+        models.Arch("mlp", 2, 16, 8),
+        models.Arch("mlp", 1, 32, 8),
+    ]
+    jobs = [train.Job(a, jax.random.key(20 + i), 1e-3, 1e-4) for i, a in enumerate(archs)]
+    cores = len(os.sched_getaffinity(0))
+    assert train.Engine(digits, config)._threads() == cores
+    listened = train.Engine(digits, config, on_epoch=lambda *args: None)
+    assert listened._threads() == 1  # a listener would hear two programs at once
+    threaded = train.Engine(digits, config, space=space, host_threads=2)
+    together = threaded.train(jobs)
+    assert threaded.compiles == 2  # two buckets (depths 1 and 2), each a program of one round
+    serial = train.Engine(digits, config, space=space, host_threads=1)
+    alone = [serial.train([job])[0] for job in jobs]
+    for a, b in zip(together, alone, strict=True):
+        assert (a.epochs, a.best_epoch, a.history) == (b.epochs, b.best_epoch, b.history)
+        assert a.metrics == b.metrics
+        for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
+            assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+    assert len({r.metrics["val_loss"] for r in together}) == 3  # three different instances
+    with pytest.raises(ValueError, match="host_threads"):
+        train.Engine(digits, config, host_threads=0)
 
 
 def test_kept_instance_matches_padded_training_on_validation(digits):
