@@ -172,10 +172,15 @@ class Engine:
             self._programs(bucket, st, group_size(len(indices), rounds_axis))
             self._on_device(st.eval_batch_size)
         if threads > 1 and len(units) > 1:
-            with concurrent.futures.ThreadPoolExecutor(min(threads, len(units))) as pool:
+            pool = concurrent.futures.ThreadPoolExecutor(min(threads, len(units)))
+            try:
                 futures = [pool.submit(self._run_group, *key, jobs, log_rates, ix)
                            for key, ix in units]  # fmt: skip
                 outputs = [f.result() for f in futures]
+            finally:
+                # Not `with`: on an interrupt (guard.Interrupted) the run must leave at once,
+                # not wait for the rounds in flight (the process exits; nothing was committed).
+                pool.shutdown(wait=False, cancel_futures=True)
         else:
             # Dispatch every group before reading any result: the next one compiles meanwhile.
             pending = [self._dispatch(*key, jobs, log_rates, ix) for key, ix in units]
