@@ -86,6 +86,13 @@ def choose_driver(backbone: str, requested: str, platform: str) -> str:
     return requested
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one, e.g. Linux)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def group_size(n: int, rounds_axis: int) -> int:
     """The population size a group of ``n`` jobs runs at: a power of two, divisible by the axis."""
     size = 1 << (n - 1).bit_length()
@@ -212,7 +219,7 @@ class Engine:
             or self.mesh.devices.flat[0].platform != "cpu"
         ):
             return 1
-        return len(os.sched_getaffinity(0))
+        return usable_cores()
 
     def _run_group(self, bucket, driver, jobs, log_rates, indices):
         outputs, driver = self._dispatch(bucket, driver, jobs, log_rates, indices)

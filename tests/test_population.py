@@ -1,7 +1,6 @@
 """Tests for the population engine: the jnp convergence rule, padding, generations, sharding."""
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -239,7 +238,7 @@ def test_rounds_on_host_threads_equal_the_rounds_trained_one_at_a_time(digits):
         models.Arch("mlp", 1, 32, 8),
     ]
     jobs = [train.Job(a, jax.random.key(20 + i), 1e-3, 1e-4) for i, a in enumerate(archs)]
-    cores = len(os.sched_getaffinity(0))
+    cores = train.usable_cores()
     assert train.Engine(digits, config)._threads() == cores
     listened = train.Engine(digits, config, on_epoch=lambda *args: None)
     assert listened._threads() == 1  # a listener would hear two programs at once
