@@ -1,5 +1,6 @@
 """Tests for the population engine: the jnp convergence rule, padding, generations, sharding."""
 
+import dataclasses
 import math
 
 import jax
@@ -195,20 +196,30 @@ def test_group_sizes_are_powers_of_two_dividing_the_rounds_axis():
     assert train.group_size(3, 3) == 6
 
 
-def test_a_population_equals_its_members_trained_alone(digits):
-    """Each instance of a vmapped group converges on its own: as if trained alone."""
+def _mlp_generation(archs, seed: int):
+    """A short training config, an MLP space of two widths and embeddings, and one job per arch."""
     config = _train_config()
     config.max_epochs = 8
     config.patience = 2
     space = {"backbone": ("mlp",), "width": (16, 32), "embed_dim": (8, 16)}
+    return (
+        config,
+        space,
+        [train.Job(a, jax.random.key(seed + i), 1e-3, 1e-4) for i, a in enumerate(archs)],
+    )
+
+
+def test_a_population_equals_its_members_trained_alone(digits):
+    """Each instance of a vmapped group converges on its own: as if trained alone."""
     archs = [
         models.Arch("mlp", 1, 16, 8),
         models.Arch("mlp", 1, 32, 16),
         models.Arch("mlp", 1, 32, 8),
     ]
+    config, space, jobs = _mlp_generation(archs, 10)
     jobs = [
-        train.Job(a, jax.random.key(10 + i), lr, 1e-4)
-        for i, (a, lr) in enumerate(zip(archs, (1e-3, 3e-3, 1e-2), strict=True))
+        dataclasses.replace(j, learning_rate=lr)
+        for j, lr in zip(jobs, (1e-3, 3e-3, 1e-2), strict=True)
     ]
     engine = train.Engine(digits, config, space=space, host_threads=1)  # vmapped, one thread
     together = engine.train(jobs)
@@ -228,16 +239,12 @@ def test_rounds_on_host_threads_equal_the_rounds_trained_one_at_a_time(digits):
     """On a CPU run of one process and one device every round of a generation is its own program
     and the rounds run side by side on host threads; each program is deterministic, so every
     result is bitwise what training that round alone gives."""
-    config = _train_config()
-    config.max_epochs = 8
-    config.patience = 2
-    space = {"backbone": ("mlp",), "width": (16, 32), "embed_dim": (8, 16)}
     archs = [
         models.Arch("mlp", 1, 16, 8),
         models.Arch("mlp", 2, 16, 8),
         models.Arch("mlp", 1, 32, 8),
     ]
-    jobs = [train.Job(a, jax.random.key(20 + i), 1e-3, 1e-4) for i, a in enumerate(archs)]
+    config, space, jobs = _mlp_generation(archs, 20)
     cores = train.usable_cores()
     assert train.Engine(digits, config)._threads() == cores
     listened = train.Engine(digits, config, on_epoch=lambda *args: None)
