@@ -28,12 +28,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ROUND_PROGRAM = "jit(round_program)"  # population.program's name in XLA's compile events
 SETTINGS = {
-    "fusion emitters off": "--xla_cpu_use_fusion_emitters=false",
-    "fusion emitters on (XLA's default)": "--xla_cpu_use_fusion_emitters=true",
+    "default": "",
+    "emitters-off": "--xla_cpu_use_fusion_emitters=false",
+    "O0": "--xla_backend_optimization_level=0",
+    "O1": "--xla_backend_optimization_level=1",
+    "O2": "--xla_backend_optimization_level=2",
+    "emitters-off-O2": "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=2",
+    "emitters-off-O0": "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0",
 }
 
 
-def child(trials: int, out: str) -> None:
+def child(trials: int, backbone: str, out: str) -> None:
     """One cold run in this process: compile seconds by program name, round losses, wall."""
     os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
     from jax import monitoring
@@ -51,6 +56,8 @@ def child(trials: int, out: str) -> None:
 
     monitoring.register_event_duration_secs_listener(listen)
     config = search_vs_peer.peer_space_config(seed=0, trials=trials)
+    if backbone:
+        config.search.space.backbone = (backbone,)
     config.plots = False
     with tempfile.TemporaryDirectory() as workdir, open(os.devnull, "w") as devnull:
         start = time.monotonic()
@@ -71,18 +78,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--settings", default=",".join(SETTINGS), help=f"comma-separated, of {list(SETTINGS)}"
+    )
+    parser.add_argument("--backbone", default="", help="search only this backbone (mlp, cnn)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.trials, args.child)
-    runs: dict[str, list[dict]] = {name: [] for name in SETTINGS}
+        return child(args.trials, args.backbone, args.child)
+    unknown = [n for n in args.settings.split(",") if n not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"--settings: unknown {unknown}; choose from {list(SETTINGS)}.")
+    runs: dict[str, list[dict]] = {name: [] for name in args.settings.split(",")}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
-            for name, flag in SETTINGS.items():
+            for name in runs:
+                flag = SETTINGS[name]
                 out = Path(tmp) / "run.json"
                 env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
                 env.pop("JAX_COMPILATION_CACHE_DIR", None)
-                cmd = [sys.executable, __file__, f"--trials={args.trials}", f"--child={out}"]
+                cmd = [sys.executable, __file__, f"--trials={args.trials}", f"--child={out}",
+                       f"--backbone={args.backbone}"]  # fmt: skip
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
@@ -90,16 +106,18 @@ def main() -> None:
     first = next(iter(runs.values()))[0]
     print(f"{args.trials} rounds: {[a['backbone'] + str(a['depth']) for a in first['archs']]}, "
           f"{args.repeats} cold runs per setting, medians")  # fmt: skip
-    print("| setting | round programs compile s | all compiles s | wall s | wall - compiles s "
-          "| val losses equal |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+    print("| setting | XLA_FLAGS | round programs compile s | all compiles s | wall s "
+          "| wall - compiles s | val losses equal |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for name, rs in runs.items():
         program = statistics.median(r["compiles"].get(ROUND_PROGRAM, 0.0) for r in rs)
         every = statistics.median(sum(r["compiles"].values()) for r in rs)
         wall = statistics.median(r["wall"] for r in rs)
         train = statistics.median(r["wall"] - sum(r["compiles"].values()) for r in rs)
         equal = all(r["val_loss"] == first["val_loss"] for r in rs)
-        print(f"| {name} | {program:.1f} | {every:.1f} | {wall:.1f} | {train:.1f} | {equal} |")
+        flags = SETTINGS[name] or "(none)"
+        print(f"| {name} | `{flags}` | {program:.1f} | {every:.1f} | {wall:.1f} | {train:.1f} "
+              f"| {equal} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -124,11 +124,19 @@ def graph_of(arch: models.Arch, input_shape: tuple, num_classes: int):
     )[0]
 
 
-def compiled_step(graphdef, h: HParams, mesh):
-    """The jitted ``(init, step)`` of the host driver: batch on ``data``, the rest replicated."""
+def compiled_step(graphdef, h: HParams, mesh, fast_compile: bool = False):
+    """The jitted ``(init, step)`` of the host driver: batch on ``data``, the rest replicated.
+
+    ``fast_compile`` (``config.train.fast_compile``) picks the step's XLA options
+    (``sharding.compiler_options``); the optimizer init, run once, always compiles fast.
+    """
     rep = sharding.replicated(mesh)
     batch = sharding.batch_sharded(mesh)
-    init = jax.jit(lambda params, hyper: optimizer(hyper).init(params), out_shardings=rep)
+    init = jax.jit(
+        lambda params, hyper: optimizer(hyper).init(params),
+        out_shardings=rep,
+        compiler_options=sharding.compiler_options(mesh, sharding.RUN_ONCE_CPU),
+    )
 
     def host_step(carry, images, labels, dropout_key, step_index, hyper):
         return step(graphdef, h, batch, hyper, None, carry, images, labels, dropout_key, step_index)
@@ -138,5 +146,8 @@ def compiled_step(graphdef, h: HParams, mesh):
         in_shardings=(rep, batch, batch, rep, rep, rep),
         out_shardings=(rep, rep),
         donate_argnums=0,
+        compiler_options=sharding.compiler_options(
+            mesh, sharding.FAST_COMPILE_CPU if fast_compile else None
+        ),
     )
     return init, step_fn

@@ -247,6 +247,7 @@ class Engine:
             patience=c.patience,
             min_delta=float(c.min_delta),
             eval_batch_size=eval_batch,
+            fast_compile=c.fast_compile,
         )
 
     def _on_device(self, eval_batch: int):

@@ -5,9 +5,10 @@
   compilation cache: the many short runs of the end-to-end tests compile each program once.
   A cached executable is the same program, so bitwise-reproducibility tests still compare like
   with like.
-* XLA:CPU's fusion emitters are off (``--xla_cpu_use_fusion_emitters=false``, unless
-  ``XLA_FLAGS`` names the flag): the suite is mostly compiling, and its programs compile about
-  30% faster that way with bitwise the same results (``benchmarks/compile_flags.py``).
+* XLA:CPU compiles for compile speed (``XLA_CPU_FLAG``: fusion emitters off and LLVM at -O2,
+  unless ``XLA_FLAGS`` names either flag): the suite is mostly compiling, and its round
+  programs compile about 2x faster that way with bitwise the same results
+  (``benchmarks/compile_flags.py``; what ``config.train.fast_compile`` asks of XLA per program).
 * One prepared digits data dir and one finished smoke run per session, shared by the xdist
   workers through a file lock (``shared``): the first worker to ask makes it.
 * Round records of a small made-up run, for the plot, TensorBoard and progress tests.
@@ -29,8 +30,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-XLA_CPU_FLAG = "--xla_cpu_use_fusion_emitters=false"
-if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
+XLA_CPU_FLAG = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=2"
+_NAMED = ("xla_cpu_use_fusion_emitters", "xla_backend_optimization_level")
+if not any(name in os.environ.get("XLA_FLAGS", "") for name in _NAMED):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_CPU_FLAG}".strip()
 
 

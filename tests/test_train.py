@@ -291,3 +291,47 @@ def test_without_a_listener_a_fresh_engine_reuses_the_cached_round_program(digit
         assert "jit(round_program)" in requests  # the round program was asked for
     assert missed[True] == 0
     assert missed[False] == 1  # with a listener, the round program compiles every time
+
+
+# Trains the same jobs with and without config.train.fast_compile in a process that has XLA's
+# default flags (the suite's own XLA_FLAGS would make both sides compile alike).
+_FAST_COMPILE = textwrap.dedent(
+    """
+    import json, pathlib, runpy, sys
+    import jax, numpy as np
+    from jaxes import data, models, train
+
+    digits = data.load("digits", sys.argv[1])
+    config = runpy.run_path(sys.argv[2])["get_config"]("smoke").train
+    config.max_epochs = 3
+    out = {}
+    arch = models.Arch("mlp", 2, 16, 8)
+    for fast in (False, True):
+        config.fast_compile = fast
+        r = train.to_convergence(arch, digits, jax.random.key(5), config)
+        leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(r.state))]
+        out[str(fast)] = {"history": r.history, "params": [x.tobytes().hex() for x in leaves]}
+    print(json.dumps(out))
+    """
+)
+
+
+def test_fast_compile_gives_bitwise_the_same_rounds_from_other_programs(digits_data_dir, tmp_path):
+    cache = tmp_path / "cache"
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")
+    }
+    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache))
+    script = tmp_path / "fast_compile.py"
+    script.write_text(_FAST_COMPILE)
+    completed = subprocess.run(
+        [sys.executable, str(script), str(digits_data_dir), str(CONFIG_FILE)],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert out["True"] == out["False"]  # (LLVM at -O2 would fail this: it changes last bits)
+    assert len(out["True"]["history"]) == 3
+    # The option reached XLA: the round program was compiled twice, as two executables (the
+    # persistent cache keys on the compile options).
+    assert len(list(cache.glob("jit_round_program-*"))) == 2
