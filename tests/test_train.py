@@ -276,16 +276,26 @@ def test_eight_device_step_matches_one_device_step(digits, tmp_path):
 
 
 def test_without_a_listener_a_fresh_engine_reuses_the_cached_round_program(digits):
-    # A host callback keeps a program out of the persistent compilation cache (the session's,
-    # see conftest), so one may be traced in only when someone listens to the epochs.
+    # In one process, engines without a listener share their programs (train._shared_programs):
+    # a fresh one traces and compiles nothing. In a new process (here: that cache cleared) a
+    # fresh engine traces again and loads the round program from the persistent compilation
+    # cache (the session's, see conftest). A host callback keeps a program out of that cache, so
+    # one may be traced in only when someone listens to the epochs.
     config = _train_config()
     config.max_epochs = 1
     job = train.Job(models.Arch("mlp", 1, 24, 8), jax.random.key(0), 1e-3, 1e-4)
+    first = train.Engine(digits, config).train([job])[0]
+    with _TraceCounter() as counter:
+        again = train.Engine(digits, config).train([job])[0]
+    assert "round_program" not in counter.names and counter.compiles == []
+    assert again.history == first.history
     missed = {}
     for listener in (None, lambda *args: None):
-        train.Engine(digits, config, on_epoch=listener).train([job])  # fills the cache
+        train.Engine(digits, config, on_epoch=listener).train([job])  # fills the caches
+        train._shared_programs.cache_clear()  # as in a new process
         with _TraceCounter() as counter:
             train.Engine(digits, config, on_epoch=listener).train([job])
+        assert "round_program" in counter.names
         requests = [name for name in counter.compiles if name != "cache hit"]
         missed[listener is None] = len(requests) - counter.compiles.count("cache hit")
         assert "jit(round_program)" in requests  # the round program was asked for
