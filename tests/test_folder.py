@@ -48,13 +48,6 @@ def write_folder(root: Path, count: int, *, seed: int = 0, size: int = 28) -> di
     return written
 
 
-def run_cli(*args, timeout=600) -> subprocess.CompletedProcess:
-    """``python ARGS`` as a real process."""
-    return subprocess.run(
-        [sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
-
-
 def run_here(*args) -> subprocess.CompletedProcess:
     """``python -m MODULE ARGS`` through the command's ``main`` in this process (a process would
     add only JAX's start-up)."""
@@ -83,9 +76,12 @@ def mnist_folder(tmp_path_factory) -> tuple[Path, dict[str, int]]:
 
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory, mnist_folder):
-    """A finished configs/folder.py:smoke run on the 300-image folder: (workdir, data_dir)."""
+    """A finished configs/folder.py:smoke run on the 300-image folder: (workdir, data_dir).
+
+    Through ``jaxes.main``'s ``main`` in this process: a process would add only JAX's start-up
+    (the kill test below runs a real ``-m jaxes.data`` process)."""
     workdir, data_dir = tmp_path_factory.mktemp("folder_run"), tmp_path_factory.mktemp("fd")
-    proc = run_cli(*folder_main(mnist_folder[0], data_dir, workdir))
+    proc = run_here(*folder_main(mnist_folder[0], data_dir, workdir))
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-3000:]}"
     return workdir, data_dir
 

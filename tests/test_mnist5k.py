@@ -6,8 +6,6 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -101,19 +99,12 @@ def test_configs_mnist_runs_end_to_end_on_a_local_tfds_mnist(tmp_path):
     builder = tfds.builder("mnist", data_dir=data_dir)  # TFDS's registered mnist class
     assert builder.is_prepared() and type(builder).__module__.startswith("tensorflow_datasets")
     workdir = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jaxes.main",
-            f"--config={ROOT / 'configs' / 'mnist.py'}:smoke",
-            f"--config.data_dir={data_dir}",
-            f"--workdir={workdir}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
+    # jaxes.main's own main, in this process (a process would add only JAX's start-up).
+    proc = run_module(
+        "jaxes.main",
+        f"--config={ROOT / 'configs' / 'mnist.py'}:smoke",
+        f"--config.data_dir={data_dir}",
+        f"--workdir={workdir}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((workdir / "summary.json").read_text())
