@@ -1,16 +1,19 @@
-"""XLA:CPU's fusion emitters on and off: compile and train seconds of the same rounds.
+"""XLA:CPU's compile options (fusion emitters, LLVM -O level): compile and train seconds.
 
     .venv/bin/python benchmarks/compile_flags.py [--trials=3 --repeats=3]
+        [--settings=default,emitters-off,O2,emitters-off-O2] [--backbone=mlp]
 
-``XLA_FLAGS=--xla_cpu_use_fusion_emitters=false`` makes XLA:CPU compile jaxes' round programs
-faster and run them a little slower (README, "Training speed"); the test suite sets it, since it
-is mostly compiling (``tests/conftest.py``). This measures the trade: each setting runs the first
-``--trials`` rounds of ``search_vs_peer.py``'s random search (seed 0, so the same architectures
-at every setting), cold in a fresh process (no persistent compilation cache), ``--repeats``
-times, alternating settings so that a busy machine slows both alike. Printed per setting: the
-median over repeats of the XLA compile seconds of the round programs (one per architecture
-bucket), of every compile, of the wall time and of the wall time less compiles; and whether every
-round's validation loss equals the first setting's bitwise.
+Each setting is an ``XLA_FLAGS`` value (``SETTINGS``) for a whole process. The fusion emitters
+off and LLVM at -O2 compile jaxes' programs faster and run them slower (README, "Training
+speed"); the test suite sets both, since it is mostly compiling (``tests/conftest.py``), and
+jaxes' once-per-round init programs ask for them (``sharding.RUN_ONCE_CPU``). This measures the
+trade: each setting runs the first ``--trials`` rounds of ``search_vs_peer.py``'s random search
+(seed 0, so the same architectures at every setting; ``--backbone`` restricts the space), cold
+in a fresh process (no persistent compilation cache), ``--repeats`` times, alternating settings
+so that a busy machine slows all alike. Printed per setting: the median over repeats of the XLA
+compile seconds of the round programs (one per architecture bucket), of every compile, of the
+wall time and of the wall time less compiles; and whether every round's recorded validation loss
+equals the first setting's (a weak check: weights can differ in the last bits while it holds).
 """
 
 from __future__ import annotations

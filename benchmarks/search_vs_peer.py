@@ -1,7 +1,7 @@
 """A 10-round random search over KerasTuner's space: jaxes against KerasTuner, side by side.
 
     python3 -m venv .venv-peer && .venv-peer/bin/pip install -r benchmarks/requirements-peer.txt
-    .venv/bin/python benchmarks/search_vs_peer.py [--seeds=0,1,2 --populations=1,10 --fast_compile]
+    .venv/bin/python benchmarks/search_vs_peer.py [--seeds=0,1,2 --populations=1,10]
 
 Both sides search mlp/cnn x depth 1-3 x width 64/128/256 x embedding 32/64 (36 architectures)
 on the same digits split (jaxes' train/validation/test, exported to the peer as arrays), batch
@@ -71,14 +71,12 @@ def jaxes_side(args) -> None:
 
     monitoring.register_event_duration_secs_listener(listen)
     config = peer_space_config(args.seed, args.trials, args.population)
-    config.train.fast_compile = args.fast_compile
     with tempfile.TemporaryDirectory() as workdir, open(os.devnull, "w") as devnull:
         start = time.monotonic()
         summary = rounds.run(config, workdir, stream=devnull)
         wall = time.monotonic() - start
     result = {
-        "tool": f"jaxes K={args.population}{' fast_compile' if args.fast_compile else ''} "
-        f"(jax {jax.__version__})",
+        "tool": f"jaxes K={args.population} (jax {jax.__version__})",
         "wall_seconds": wall,
         "compile_seconds": sum(compile_seconds),
         "trials": summary["rounds_run"],
@@ -120,9 +118,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--population", type=int, default=1)
     parser.add_argument("--out", default=None)
-    parser.add_argument(
-        "--fast_compile", action="store_true", help="also each K with config.train.fast_compile"
-    )
     args = parser.parse_args()
     if args.side == "jaxes":
         return jaxes_side(args)
@@ -142,13 +137,10 @@ def main() -> None:
                    str(out), f"--trials={args.trials}", f"--seed={seed}"]  # fmt: skip
             peer = _run(cmd, out)
             rows.append({"seed": seed, **peer})
-            sides = [(int(k), fast) for k in args.populations.split(",")
-                     for fast in ((False, True) if args.fast_compile else (False,))]  # fmt: skip
-            for k, fast in sides:
-                out = Path(tmp) / f"jaxes{seed}_{k}_{fast}.json"
+            for k in (int(p) for p in args.populations.split(",")):
+                out = Path(tmp) / f"jaxes{seed}_{k}.json"
                 cmd = [sys.executable, __file__, "--side=jaxes", f"--seed={seed}",
-                       f"--population={k}", f"--trials={args.trials}", f"--out={out}",
-                       *(["--fast_compile"] if fast else [])]  # fmt: skip
+                       f"--population={k}", f"--trials={args.trials}", f"--out={out}"]  # fmt: skip
                 mine = _run(cmd, out)
                 mine["ratio_to_peer"] = mine["wall_seconds"] / peer["wall_seconds"]
                 rows.append({"seed": seed, **mine})

@@ -100,10 +100,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # makes the persistent compilation cache miss in every new process, so it is off: the live
     # line then shows each generation's elapsed time, and every finished round.
     config.train.epoch_progress = False
-    # Compile the round programs for compile speed (CPU only; bitwise the same results): about
-    # 2x faster compiles, ~10-25% slower epochs (README "Training speed"). Worth it when rounds
-    # are short and architectures many; XLA's defaults otherwise.
-    config.train.fast_compile = False
 
     # Population rounds (DESIGN §10): K rounds proposed together and trained in one program per
     # size bucket, over the mesh ("rounds", "data"). K = 1 is one round at a time.

@@ -86,7 +86,7 @@ def to_convergence(job, log_rate: float, data: data_lib.Data, config, mesh, prog
     )
     round_keys = keys.RoundKeys.of(job.key)
     shape, classes = data.spec.shape, data.spec.num_classes
-    cache_key = ("host", arch, h, mesh, config.fast_compile)
+    cache_key = ("host", arch, h, mesh)
     one = jax.sharding.Mesh(mesh.devices[:1, :1], mesh.axis_names)  # init: a population of 1
     if cache_key not in programs:
         graphdef = steps.graph_of(arch, shape, classes)
@@ -94,7 +94,7 @@ def to_convergence(job, log_rate: float, data: data_lib.Data, config, mesh, prog
         programs[cache_key] = (
             graphdef,
             init_model,
-            *steps.compiled_step(graphdef, h, mesh, config.fast_compile),
+            *steps.compiled_step(graphdef, h, mesh),
         )
     graphdef, init_model, init_fn, step_fn = programs[cache_key]
     rep = sharding.replicated(mesh)

@@ -43,7 +43,6 @@ class Static:
     patience: int
     min_delta: float
     eval_batch_size: int
-    fast_compile: bool = False  # config.train.fast_compile (sharding.compiler_options)
 
 
 def patience_rule(best, streak, epoch, loss, *, patience, min_delta, max_epochs):
@@ -196,9 +195,6 @@ def program(graphdef, st: Static, mesh, report: Callable | None = None) -> Calla
         round_program,
         in_shardings=(pop, rep, rep, rep, rep, rep),
         out_shardings=rep,
-        compiler_options=sharding.compiler_options(
-            mesh, sharding.FAST_COMPILE_CPU if st.fast_compile else None
-        ),
     )
 
 

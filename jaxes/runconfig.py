@@ -231,8 +231,6 @@ def check_config(config) -> None:
     _check(0 < fraction <= 1, "train.device_memory_fraction", "in (0, 1]", fraction)
     _check(isinstance(t.epoch_progress, bool), "train.epoch_progress", "True or False",
            t.epoch_progress)  # fmt: skip
-    _check(isinstance(t.fast_compile, bool), "train.fast_compile", "True or False",
-           t.fast_compile)  # fmt: skip
     k = config.parallel.rounds
     _check(_is_int(k) and k >= 1, "parallel.rounds", "an int >= 1", k)
     pad = tuple(config.parallel.pad_backbones)

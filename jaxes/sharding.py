@@ -21,14 +21,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS = "data"
 ROUNDS_AXIS = "rounds"
-# XLA:CPU options per kind of program (benchmarks/compile_flags.py; README "Training speed").
-# Programs that run once per round (the inits) compile for compile speed alone: fusion emitters
-# off and LLVM at -O2 (XLA's default is -O3) compile a truncated-normal init 3-5x faster, to the
-# same bits on the architectures measured. The round programs, with config.train.fast_compile,
-# only turn the fusion emitters off: ~30% faster compiles, ~10% slower epochs, bitwise the same
-# results (tests/test_train.py); -O2 there would change the last bits.
+# XLA:CPU options of the programs that run once per round (the inits): fusion emitters off and
+# LLVM at -O2 (XLA's default is -O3) compile a truncated-normal init 3-5x faster, to the same bits
+# (tests/test_train.py). Round programs keep XLA's defaults: there both options change the last
+# bits of a CNN's weights, and -O0 trains 3-6x slower (benchmarks/compile_flags.py; README
+# "Training speed").
 RUN_ONCE_CPU = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 2}
-FAST_COMPILE_CPU = {"xla_cpu_use_fusion_emitters": False}
 
 
 def compiler_options(mesh: Mesh, options: dict | None) -> dict | None:

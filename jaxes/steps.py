@@ -124,11 +124,11 @@ def graph_of(arch: models.Arch, input_shape: tuple, num_classes: int):
     )[0]
 
 
-def compiled_step(graphdef, h: HParams, mesh, fast_compile: bool = False):
+def compiled_step(graphdef, h: HParams, mesh):
     """The jitted ``(init, step)`` of the host driver: batch on ``data``, the rest replicated.
 
-    ``fast_compile`` (``config.train.fast_compile``) picks the step's XLA options
-    (``sharding.compiler_options``); the optimizer init, run once, always compiles fast.
+    The optimizer init runs once per round, so it compiles for compile speed
+    (``sharding.RUN_ONCE_CPU``).
     """
     rep = sharding.replicated(mesh)
     batch = sharding.batch_sharded(mesh)
@@ -146,8 +146,5 @@ def compiled_step(graphdef, h: HParams, mesh, fast_compile: bool = False):
         in_shardings=(rep, batch, batch, rep, rep, rep),
         out_shardings=(rep, rep),
         donate_argnums=0,
-        compiler_options=sharding.compiler_options(
-            mesh, sharding.FAST_COMPILE_CPU if fast_compile else None
-        ),
     )
     return init, step_fn

@@ -48,17 +48,43 @@ DRIVER_TABLE = {
 DEFAULT_DRIVER = "scan"
 
 
-@functools.lru_cache(maxsize=64)
-def _shared_programs(bucket: models.Arch, st, mesh, shape: tuple, num_classes: int, build_fn):
-    """The ``(graphdef, init, run)`` of a bucket with no epoch listener, shared by every
-    ``Engine`` of the process: another run of the same buckets (a study, a notebook, the tests)
-    neither traces nor lowers them again, which is ~1.5 s of a short run. ``build_fn`` (a
-    registered backbone's, else None) is part of the key, so a re-registered model gets new
-    programs. A program with a listener calls back into its own engine and is never shared."""
-    del build_fn  # only a key
+def _programs_of(bucket: models.Arch, st, mesh, shape: tuple, num_classes: int, report=None):
+    """A bucket's ``(graphdef, init, run)``; ``run`` calls ``report`` after every epoch."""
     graphdef = steps.graph_of(bucket, shape, num_classes)
     init = population.init_program(bucket, shape, num_classes, mesh)
-    return graphdef, init, population.program(graphdef, st, mesh, None)
+    return graphdef, init, population.program(graphdef, st, mesh, report)
+
+
+@functools.lru_cache(maxsize=32)
+def _shared_programs(bucket: models.Arch, st, mesh, shape: tuple, num_classes: int, model_key):
+    """``_programs_of`` a bucket with no epoch listener, shared by every ``Engine`` of the
+    process: another run of the same buckets (a study, a notebook, the tests) neither traces nor
+    lowers them again, which is ~1.5 s of a short run. At most 32 buckets stay alive, least
+    recently used out first (``clear_shared_programs`` frees them all). ``model_key`` (a
+    registered backbone's build function and field defaults, else None) is only part of the
+    key: a model registered again gets new programs. A program with a listener calls back into
+    its own engine and is never shared."""
+    del model_key
+    return _programs_of(bucket, st, mesh, shape, num_classes)
+
+
+def _model_key(bucket: models.Arch):
+    """What a bucket's model is built from besides its ``Arch``: None for a built-in backbone, a
+    registered one's build function and field defaults, or False if those cannot be a key."""
+    if bucket.builtin:
+        return None
+    registered = backbones.get(bucket.backbone)
+    key = (registered.build_fn, tuple(sorted(registered.fields.items())))
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return key
+
+
+def clear_shared_programs() -> None:
+    """Frees the programs that engines share (``_shared_programs``), as a new process would."""
+    _shared_programs.cache_clear()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +177,9 @@ class Engine:
             raise ValueError(f"host_threads must be at least 1, got {host_threads}.")
         self.host_threads = host_threads
         self.programs: dict = {}  # (kind, bucket, static, size) -> compiled callables
-        self.compiles = 0  # programs built so far (each compiles on first call)
+        # Programs this engine has needed so far, built or taken from the shared ones (each
+        # compiles on its first call, unless that program already ran in this process).
+        self.compiles = 0
         self._fits = hostloop.fits_on_device(data.train, config.device_memory_fraction, self.mesh)
         self._device_data = None
 
@@ -261,7 +289,6 @@ class Engine:
             patience=c.patience,
             min_delta=float(c.min_delta),
             eval_batch_size=eval_batch,
-            fast_compile=c.fast_compile,
         )
 
     def _on_device(self, eval_batch: int):
@@ -281,17 +308,13 @@ class Engine:
             spec = self.data.spec
             # No callback without a listener: a host callback keeps a program out of the
             # persistent compilation cache, so a rerun would compile it again.
-            if self.on_epoch is None:
-                build_fn = None if bucket.builtin else backbones.get(bucket.backbone).build_fn
-                shape = tuple(spec.shape)
-                self.programs[key] = _shared_programs(
-                    bucket, st, self.mesh, shape, spec.num_classes, build_fn
-                )
+            args = (bucket, st, self.mesh, tuple(spec.shape), spec.num_classes)
+            model_key = _model_key(bucket)
+            if self.on_epoch is None and model_key is not False:
+                self.programs[key] = _shared_programs(*args, model_key)
             else:
-                graphdef = steps.graph_of(bucket, spec.shape, spec.num_classes)
-                init = population.init_program(bucket, spec.shape, spec.num_classes, self.mesh)
-                run = population.program(graphdef, st, self.mesh, self._report)
-                self.programs[key] = (graphdef, init, run)
+                report = None if self.on_epoch is None else self._report
+                self.programs[key] = _programs_of(*args, report=report)
             self.compiles += 1
         return self.programs[key]
 

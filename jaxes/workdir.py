@@ -24,24 +24,6 @@ class WorkdirError(ValueError):
     """The workdir cannot be used with this config."""
 
 
-# Config fields that change how fast a run goes, never what it computes (bitwise; each has a test):
-# a workdir's run may resume with another value, and they are not part of a run's identity.
-NEUTRAL_FIELDS = ("train.fast_compile",)
-
-
-def identity(config_dict: dict) -> dict:
-    """A config dict without its ``NEUTRAL_FIELDS``: what a run's results depend on."""
-    out = json.loads(json.dumps(config_dict))
-    for name in NEUTRAL_FIELDS:
-        *parents, leaf = name.split(".")
-        node = out
-        for parent in parents:
-            node = node.get(parent) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(leaf, None)
-    return out
-
-
 def config_json(config) -> str:
     """The canonical JSON of a config (ml_collections ConfigDict or dict)."""
     as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -85,8 +67,8 @@ def check(workdir: str | os.PathLike, config) -> bool:
     path = workdir / CONFIG
     if not path.exists():
         return False
-    ours = identity(json.loads(config_json(config)))
-    theirs = identity(read_config(workdir))
+    ours = json.loads(config_json(config))
+    theirs = read_config(workdir)
     difference = first_difference(ours, theirs)
     if difference is not None:
         name, mine, saved = difference

@@ -187,10 +187,8 @@ def test_the_atomic_writer_names_the_target_not_its_temporary(tmp_path):
     assert error.value.filename == str(target)
 
 
-# A speed-only field (workdir.NEUTRAL_FIELDS) is not part of the run's identity.
-@pytest.mark.parametrize("extra", [(), ("--config.train.fast_compile=True",)])
 def test_a_finished_run_says_so_prints_its_summary_and_writes_nothing(
-    capsys, smoke_run, tmp_path, digits_data_dir, extra
+    capsys, smoke_run, tmp_path, digits_data_dir
 ):
     import shutil
 
@@ -200,7 +198,7 @@ def test_a_finished_run_says_so_prints_its_summary_and_writes_nothing(
         p.chmod(p.stat().st_mode & ~0o222)
     before = tree_state(run)
     try:
-        code, out, err = run_cli(capsys, *smoke(run, digits_data_dir, *extra))
+        code, out, err = run_cli(capsys, *smoke(run, digits_data_dir))
         after = tree_state(run)
     finally:
         for p in [run, *run.rglob("*")]:

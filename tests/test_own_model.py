@@ -137,3 +137,35 @@ def test_tpe_searches_the_registered_mixer_and_the_best_instance_deploys(own_run
     assert export.export(own_run, tmp_path / "exported")["arch"] == summary["best_arch"]
     served = serving.load(tmp_path / "exported")(np.zeros((5, 8, 8, 1), np.uint8))
     assert served.shape == (5, features.shape[1])
+
+
+def _tiny_build(choice, inputs, *, log_rate, rngs):
+    return backbones.get("mixer").build_fn(choice, inputs, log_rate=log_rate, rngs=rngs)
+
+
+class _UnhashableBuild:
+    """A callable that cannot be a dict key (as a non-frozen dataclass instance)."""
+
+    __hash__ = None
+
+    def __call__(self, *args, **kwargs):
+        return _tiny_build(*args, **kwargs)
+
+
+def test_a_model_registered_again_gets_programs_of_its_own():
+    # Engines share programs (train._shared_programs) keyed by what builds the model: a
+    # registered backbone's build function and field defaults, both of which a new registration
+    # may change. A build function that cannot be a key keeps an engine's programs its own.
+    from jaxes import train
+
+    _config()  # registers the mixer, which _tiny_build wraps
+    fields = dict(backbones.get("mixer").fields)
+    backbones.register("tinynet", _tiny_build, fields=fields)
+    arch = models.Arch("tinynet", options=MIXER)
+    first = train._model_key(arch)
+    assert first not in (None, False)
+    backbones.register("tinynet", _tiny_build, fields={**fields, "hidden": 64})
+    assert train._model_key(arch) not in (first, None, False)
+    backbones.register("tinynet_unhashable", _UnhashableBuild(), fields=fields)
+    assert train._model_key(models.Arch("tinynet_unhashable", options=MIXER)) is False
+    assert train._model_key(models.Arch("mlp", 1, 8, 8)) is None

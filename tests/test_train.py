@@ -15,7 +15,7 @@ import jax.monitoring
 import numpy as np
 import pytest
 
-from jaxes import hostloop, infer, models, sharding, train
+from jaxes import hostloop, infer, models, padding, population, sharding, train
 from tests.conftest import device_flags
 
 CONFIG_FILE = pathlib.Path(__file__).parent.parent / "configs" / "digits.py"
@@ -292,7 +292,7 @@ def test_without_a_listener_a_fresh_engine_reuses_the_cached_round_program(digit
     missed = {}
     for listener in (None, lambda *args: None):
         train.Engine(digits, config, on_epoch=listener).train([job])  # fills the caches
-        train._shared_programs.cache_clear()  # as in a new process
+        train.clear_shared_programs()  # as in a new process
         with _TraceCounter() as counter:
             train.Engine(digits, config, on_epoch=listener).train([job])
         assert "round_program" in counter.names
@@ -303,45 +303,21 @@ def test_without_a_listener_a_fresh_engine_reuses_the_cached_round_program(digit
     assert missed[False] == 1  # with a listener, the round program compiles every time
 
 
-# Trains the same jobs with and without config.train.fast_compile in a process that has XLA's
-# default flags (the suite's own XLA_FLAGS would make both sides compile alike).
-_FAST_COMPILE = textwrap.dedent(
-    """
-    import json, pathlib, runpy, sys
-    import jax, numpy as np
-    from jaxes import data, models, train
-
-    digits = data.load("digits", sys.argv[1])
-    config = runpy.run_path(sys.argv[2])["get_config"]("smoke").train
-    config.max_epochs = 3
-    out = {}
-    arch = models.Arch("mlp", 2, 16, 8)
-    for fast in (False, True):
-        config.fast_compile = fast
-        r = train.to_convergence(arch, digits, jax.random.key(5), config)
-        leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(r.state))]
-        out[str(fast)] = {"history": r.history, "params": [x.tobytes().hex() for x in leaves]}
-    print(json.dumps(out))
-    """
+@pytest.mark.parametrize(
+    "arch",
+    [models.Arch("mlp", 2, 32, 16), models.Arch("cnn", 2, 8, 8, norm="layer", residual=True)],
+    ids=lambda a: a.short(),
 )
-
-
-def test_fast_compile_gives_bitwise_the_same_rounds_from_other_programs(digits_data_dir, tmp_path):
-    cache = tmp_path / "cache"
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")
-    }
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache))
-    script = tmp_path / "fast_compile.py"
-    script.write_text(_FAST_COMPILE)
-    completed = subprocess.run(
-        [sys.executable, str(script), str(digits_data_dir), str(CONFIG_FILE)],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    out = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert out["True"] == out["False"]  # (LLVM at -O2 would fail this: it changes last bits)
-    assert len(out["True"]["history"]) == 3
-    # The option reached XLA: the round program was compiled twice, as two executables (the
-    # persistent cache keys on the compile options).
-    assert len(list(cache.glob("jit_round_program-*"))) == 2
+def test_inits_compiled_for_compile_speed_give_the_bits_of_xlas_defaults(digits, arch):
+    # The vmapped init compiles with sharding.RUN_ONCE_CPU; compiling the same program with
+    # XLA:CPU's defaults named explicitly (options given at compile time win over XLA_FLAGS and
+    # over the jit's own) must draw the same parameters, bit for bit. (-O0 there would not.)
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    init = population.init_program(arch, digits.spec.shape, digits.spec.num_classes, mesh)
+    raw = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(3), 2)))
+    args = (raw, np.full((2,), -1.5, np.float32), padding.RealSizes.of([arch, arch]))
+    defaults = {"xla_cpu_use_fusion_emitters": True, "xla_backend_optimization_level": 3}
+    reference = init.lower(*args).compile(compiler_options=defaults)(*args)
+    fast = init(*args)
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(reference), strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
