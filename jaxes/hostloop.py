@@ -91,11 +91,7 @@ def to_convergence(job, log_rate: float, data: data_lib.Data, config, mesh, prog
     if cache_key not in programs:
         graphdef = steps.graph_of(arch, shape, classes)
         init_model = population.init_program(arch, shape, classes, one)
-        programs[cache_key] = (
-            graphdef,
-            init_model,
-            *steps.compiled_step(graphdef, h, mesh),
-        )
+        programs[cache_key] = (graphdef, init_model, *steps.compiled_step(graphdef, h, mesh))
     graphdef, init_model, init_fn, step_fn = programs[cache_key]
     rep = sharding.replicated(mesh)
     hyper = sharding.put_tree(steps.Hyper.of(job.learning_rate, job.weight_decay), rep)
