@@ -202,8 +202,8 @@ def init_program(bucket_arch, input_shape, num_classes: int, mesh) -> Callable:
     """The vmapped init of a bucket: ``(raw_keys, log_rates, sizes) -> (params, rest, mask)``.
 
     Real units start from the unpadded init distribution and the padding at zero (``padding``).
-    It runs once per round, so it is compiled for compile speed (``sharding.compiler_options``:
-    ``RUN_ONCE_CPU``: a truncated-normal init compiles 3-5x faster).
+    It runs once per round, so it is compiled for compile speed (``sharding.run_once_options``:
+    a truncated-normal init compiles 3-5x faster).
     """
     pop = sharding.population_sharded(mesh)
     params_shape, rest_shape = jax.eval_shape(
@@ -225,7 +225,7 @@ def init_program(bucket_arch, input_shape, num_classes: int, mesh) -> Callable:
         jax.vmap(init_lane),
         in_shardings=(pop, pop, pop),
         out_shardings=pop,
-        compiler_options=sharding.compiler_options(mesh, sharding.RUN_ONCE_CPU),
+        compiler_options=sharding.run_once_options(mesh),
     )
 
 

@@ -29,11 +29,10 @@ ROUNDS_AXIS = "rounds"
 RUN_ONCE_CPU = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 2}
 
 
-def compiler_options(mesh: Mesh, options: dict | None) -> dict | None:
-    """``options`` for a program on ``mesh`` if it is a CPU mesh, else None (XLA's defaults)."""
-    if options and mesh.devices.flat[0].platform == "cpu":
-        return dict(options)
-    return None
+def run_once_options(mesh: Mesh) -> dict | None:
+    """The XLA options of a program that runs once per round on ``mesh``: ``RUN_ONCE_CPU`` on a
+    CPU mesh, else None (XLA's defaults)."""
+    return dict(RUN_ONCE_CPU) if mesh.devices.flat[0].platform == "cpu" else None
 
 
 def rounds_axis_size(population: int, num_devices: int) -> int:

@@ -135,7 +135,7 @@ def compiled_step(graphdef, h: HParams, mesh):
     init = jax.jit(
         lambda params, hyper: optimizer(hyper).init(params),
         out_shardings=rep,
-        compiler_options=sharding.compiler_options(mesh, sharding.RUN_ONCE_CPU),
+        compiler_options=sharding.run_once_options(mesh),
     )
 
     def host_step(carry, images, labels, dropout_key, step_index, hyper):

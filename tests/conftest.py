@@ -43,7 +43,7 @@ def device_flags(devices: int) -> str:
 
 
 # After the environment above, which JAX reads at import.
-from jaxes import data, instance, workdir  # noqa: E402
+from jaxes import data, instance, train, workdir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_CONFIG = f"--config={ROOT / 'configs' / 'digits.py'}:smoke"
@@ -54,8 +54,7 @@ def pytest_xdist_auto_num_workers(config):
     subprocess it started, on a live run it is about to kill, or on another worker making a
     shared fixture; the extra one fills that time (2 cores: 4 min 41 s with 3 workers, against
     5 min 26-39 s with 2 and 5 min 11 s with 4)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (cores or 1) + 1
+    return train.usable_cores() + 1
 
 
 def pytest_sessionfinish(session, exitstatus):
