@@ -52,7 +52,9 @@ def patience_rule(best, streak, epoch, loss, *, patience, min_delta, max_epochs)
     mode="min", min_delta=min_delta, extend=False)``: ``best`` is ``+inf`` before the first finite
     loss; a loss below ``best - min_delta`` is a new best; one not above the best (a tie) resets
     the streak (claim 4); any other loss, non-finite ones too, adds to it. The rounding is that
-    of float32, identical to float64 for ``min_delta == 0`` (tests/test_population.py).
+    of float32, identical to float64 for ``min_delta == 0`` (tests/test_population.py). XLA
+    flushes float32 subnormals to zero, so a loss computed on the device is never subnormal; one
+    fed from the host compares as 0.
 
     Returns:
       ``(best, streak, improved, stopped)``.
