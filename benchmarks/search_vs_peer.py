@@ -9,7 +9,8 @@ on the same digits split (jaxes' train/validation/test, exported to the peer as 
 AdamW 1e-3 / 1e-4, dropout log-uniform in [0.02, 0.5], keeping the trial with the best
 validation accuracy. Each side runs cold, in its own fresh process: no persistent compilation
 cache, so every compile is paid. jaxes runs its ``random`` strategy for exactly 10 rounds
-(fixed patience 10, no extension) at each ``--populations`` K (K rounds per program, DESIGN §10).
+(fixed patience 10, no extension) at each ``--populations`` K (K rounds per program,
+docs/design.md §6b).
 
 Printed per seed and side: wall seconds, compile seconds (jaxes: XLA compile time counted with
 ``jax.monitoring``), rounds per minute, best validation and test accuracy, and the wall-time

@@ -101,8 +101,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # line then shows each generation's elapsed time, and every finished round.
     config.train.epoch_progress = False
 
-    # Population rounds (DESIGN §10): K rounds proposed together and trained in one program per
-    # size bucket, over the mesh ("rounds", "data"). K = 1 is one round at a time.
+    # Population rounds (docs/design.md §6b): K rounds proposed together and trained in one
+    # program per size bucket, over the mesh ("rounds", "data"). K = 1 is one round at a time.
     config.parallel = ml_collections.ConfigDict()
     config.parallel.rounds = 1
     # Backbones whose block widths pad to the space's largest, sharing one program; CNN cost

@@ -7,8 +7,9 @@ that can never be reached, and every rule is later replayed on the cached metric
 
 The engine evaluates only its final best instance on test; a rule that stops earlier keeps an
 earlier prefix-best round. Those rounds (the rounds that set a new validation best) are retrained
-here from their round keys, which is bitwise deterministic on CPU (DESIGN §4), and scored on test;
-the retrained validation accuracy must equal the recorded one, or the study refuses the sequence.
+here from their round keys, which is bitwise deterministic on CPU (docs/design.md §4), and scored on
+test; the retrained validation accuracy must equal the recorded one, or the study refuses the
+sequence.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import jax
 
 JSONScalar = str | int | float | bool | None
 
-# The stream of a mutation's step (DESIGN §4: fold_in with constants, never call order).
+# The stream of a mutation's step (docs/design.md §4: fold_in with constants, never call order).
 _STEP = 12
 # A mutated range value moves by this fraction of the range (in its scale) times a normal draw.
 MUTATION_SCALE = 0.25

@@ -1,4 +1,6 @@
-"""Size buckets: architectures that differ only in widths share one compiled program (DESIGN §10).
+"""Size buckets: architectures that differ only in widths share one compiled program.
+
+See docs/design.md §6b.
 
 An instance of ``arch`` is trained as an instance of its *bucket*, the same architecture with
 ``width`` and ``embed_dim`` raised to the bucket's sizes, and a 0/1 *mask* per parameter that

@@ -1,4 +1,4 @@
-"""A population of instances trained to convergence in one device program (DESIGN §10).
+"""A population of instances trained to convergence in one device program (docs/design.md §6b).
 
 ``program(...)`` compiles, for one bucket architecture and one population size ``K``, the whole
 of a round for ``K`` instances at once: ``vmap`` over instances (each with its own keys,

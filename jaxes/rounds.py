@@ -1,14 +1,14 @@
 """The method (claim 1): rounds of search -> train to convergence -> judge, until the tolerance.
 
 ``run(config, workdir)`` is the whole job, with nothing global. Rounds go in generations of
-``K = config.parallel.rounds`` (DESIGN §10): the strategy proposes K architectures (claim 6) from
-its state after the previous generation, one engine call trains all K to convergence (claims 1-2),
-and the tolerance (claims 1, 3-5) judges the results in round order; rounds after a stop inside a
-generation are discarded (counted, never the best). Then, atomically: the generation's records,
-its best instance (Orbax) and the resume state, whose replacement is the commit. Re-running on
-the same workdir resumes at the last committed generation and ends exactly as an uninterrupted
-run would: every round's randomness is a pure function of (seed, round index). K = 1 is one
-round per generation.
+``K = config.parallel.rounds`` (docs/design.md §6b): the strategy proposes K architectures (claim 6)
+from its state after the previous generation, one engine call trains all K to convergence (claims
+1-2), and the tolerance (claims 1, 3-5) judges the results in round order; rounds after a stop
+inside a generation are discarded (counted, never the best). Then, atomically: the generation's
+records, its best instance (Orbax) and the resume state, whose replacement is the commit. Re-running
+on the same workdir resumes at the last committed generation and ends exactly as an uninterrupted
+run would: every round's randomness is a pure function of (seed, round index). K = 1 is one round
+per generation.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ from jaxes import space as space_lib
 from jaxes import train as train_lib
 
 # Search-space fields that are not architecture fields: traced hyper-parameters of training
-# (DESIGN §10), so searching them never recompiles. Each defaults to its ``config.train`` value.
+# (docs/design.md §6b), so searching them never recompiles. Each defaults to its
+# ``config.train`` value.
 HPARAM_FIELDS = ("learning_rate", "weight_decay")
 # config.tolerance.rule -> the module that ends the rounds (same init/update/State protocol).
 RULES = {"patent": stopping, "gain": gain}

@@ -12,9 +12,9 @@ State keys shared by every strategy: ``strategy`` (the name), ``history`` (one r
 round: ``choice``, ``fitness`` -- higher is better, ``None`` for a failed round -- ``round_index``
 and ``parent``, the history index of the evolution parent or ``None``) and ``pending`` (the
 proposals not yet observed, oldest first: a generation of K rounds proposes K times, then observes
-each in round order; DESIGN §10). ``random`` adds ``seen`` (canonical choices ever proposed);
-``evolution`` adds ``population`` (history indices, oldest first), ``last_tournament`` (history
-indices of the members sampled by the last propose) and ``last_parent``.
+each in round order; docs/design.md §6b). ``random`` adds ``seen`` (canonical choices ever
+proposed); ``evolution`` adds ``population`` (history indices, oldest first), ``last_tournament``
+(history indices of the members sampled by the last propose) and ``last_parent``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The device mesh ``("rounds", "data")``: instances of a population on the first axis, batches on
-the second, everything else replicated (DESIGN §10).
+the second, everything else replicated (docs/design.md §6b).
 
 One device and one host give the mesh ``(1, 1)``; ``rounds=1`` (the default) puts every device on
 ``data``, which is the single-instance mesh of a plain round.

@@ -39,7 +39,8 @@ from jaxes.fields import (  # noqa: F401 - re-exported: the space's public names
     parse_field,
 )
 
-# The stream of a draw's continuous fields (DESIGN §4: fold_in with constants, never call order).
+# The stream of a draw's continuous fields (docs/design.md §4: fold_in with constants, never
+# call order).
 _CONTINUOUS = 11
 
 

@@ -2,12 +2,12 @@
 
 The JSON search state (``search.Strategy``) stays the source of truth; Optuna holds nothing
 between proposals. Each ``propose`` builds a fresh in-memory study from the state: every observed
-round is a finished trial (``COMPLETE`` with its fitness, or ``FAIL`` for a failed round), and
-every pending proposal of the current generation a ``RUNNING`` one, which the sampler's constant
-liar keeps the next proposal away from. The sampler's seed is drawn from the propose key, itself a
-function of (seed, round index) (DESIGN §4). So a proposal is a pure function of (state, key): a
-resumed run proposes exactly what an uninterrupted one would, and the K proposals of a generation
-see the same history with different seeds.
+round is a finished trial (``COMPLETE`` with its fitness, or ``FAIL`` for a failed round), and every
+pending proposal of the current generation a ``RUNNING`` one, which the sampler's constant liar
+keeps the next proposal away from. The sampler's seed is drawn from the propose key, itself a
+function of (seed, round index) (docs/design.md §4). So a proposal is a pure function of (state,
+key): a resumed run proposes exactly what an uninterrupted one would, and the K proposals of a
+generation see the same history with different seeds.
 
 Conditional fields are suggested after the condition fields they depend on, so a trial holds
 exactly the choice's active fields (Optuna's define-by-run spaces); with ``multivariate`` the

@@ -1,4 +1,5 @@
-"""Population rounds end to end (DESIGN §10): generations of K, in real processes where it counts.
+"""Population rounds end to end (docs/design.md §6b): generations of K, in real processes where it
+counts.
 
 Proposals at K > 1 equal K = 1's for ``random``; a stop inside a generation discards the rest;
 SIGKILL mid-generation resumes bitwise; K = 4 on 8 devices agrees with K = 4 on one; two gloo
