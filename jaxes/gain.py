@@ -41,7 +41,7 @@ import itertools
 import math
 import numbers
 
-from jaxes.stopping import StoppedError, is_finite, is_real, metric_to_float
+from jaxes.stopping import ArgumentError, StoppedError, is_finite, is_real, metric_to_float
 
 __all__ = ["State", "StoppedError", "expected_gain", "init", "noise_floor", "update", "window"]
 
@@ -121,11 +121,13 @@ class State:
         values = data["values"]
         _require(
             isinstance(values, list | tuple) and all(v is None or is_finite(v) for v in values),
+            "values",
             f"values must be a list of finite real numbers or None, got {values!r}.",
         )
         values = tuple(None if v is None else float(v) for v in values)
         _require(
             len(values) == data["round"],
+            "values",
             f"values must hold one entry per round ({data['round']!r}), got {len(values)}.",
         )
         state = cls(**{**data, "values": values})
@@ -137,13 +139,14 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _require(condition: bool, message: str) -> None:
+def _require(condition: bool, argument: str, message: str) -> None:
+    """Raises ``ArgumentError`` (a ``ValueError`` naming ``argument``) unless ``condition``."""
     if not condition:
-        raise ValueError(message)
+        raise ArgumentError(argument, message)
 
 
 def _check_config(s: State) -> None:
-    _require(_is_int(s.initial_rounds) and s.initial_rounds >= 1,
+    _require(_is_int(s.initial_rounds) and s.initial_rounds >= 1, "rounds",
              f"rounds must be an int >= 1, got {s.initial_rounds!r}.")  # fmt: skip
     checks = (
         ("warmup", _is_int(s.warmup) and s.warmup >= 1, "an int >= 1"),
@@ -156,7 +159,7 @@ def _check_config(s: State) -> None:
         ("extend", isinstance(s.extend, bool), "True or False"),
     )  # fmt: skip
     for name, ok, allowed in checks:
-        _require(ok, f"{name} must be {allowed}, got {getattr(s, name)!r}.")
+        _require(ok, name, f"{name} must be {allowed}, got {getattr(s, name)!r}.")
 
 
 def init(
@@ -267,7 +270,7 @@ def expected_gain(values, rounds_left: int, best: float | None = None) -> float 
     if excess <= 0.0:
         return 0.0
     top = ordered[0] if best is None else best
-    _require(top >= ordered[0], f"best must be at least the window's best, got {best!r}.")
+    _require(top >= ordered[0], "best", f"best must be at least the window's best, got {best!r}.")
     a = 1.0 - 1.0 / k
     q0 = (k / h) * (1.0 + (top - threshold) / excess) ** -k
     edge = q0**a

@@ -51,10 +51,10 @@ def _make_gain(config) -> gain.State:
     }
     try:
         return gain.init(config.rounds, **kwargs)
-    except ValueError as e:
-        name = str(e).split(" ", 1)[0]
-        path = {"rounds": "rounds", "noise": "tolerance.gain.noise",
-                "warmup": "tolerance.gain.warmup"}.get(name, f"tolerance.{name}")  # fmt: skip
+    except stopping.ArgumentError as e:
+        paths = {"rounds": "rounds", "noise": "tolerance.gain.noise",
+                 "warmup": "tolerance.gain.warmup"}  # fmt: skip
+        path = paths.get(e.argument, f"tolerance.{e.argument}")
         raise _field_error(path, str(e)) from None
 
 

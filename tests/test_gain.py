@@ -190,8 +190,11 @@ def test_stopped_state_raises_and_shares_stoppings_error():
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, needle):
-    with pytest.raises(ValueError, match="^" + needle.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match="^" + needle.replace("(", r"\(").replace(")", r"\)")) as e:
         gain.init(**kwargs)
+    # The argument travels on the error (runconfig maps it to a config path), not in its words.
+    assert isinstance(e.value, stopping.ArgumentError)
+    assert e.value.argument == needle.split(" ", 1)[0]
 
 
 def test_bad_metric_and_bad_dict():
