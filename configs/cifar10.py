@@ -1,9 +1,9 @@
 """CIFAR-10 (32x32x3, 10 classes): evolution over CNN backbones.
 
-Prepare the data once (needs `pip install 'jaxes[prepare]'` and the network):
-    python -m jaxes.data prepare cifar10 --data_dir=$HOME/.cache/jaxes/tensorflow_datasets
-Command (a GPU or TPU is advised: `pip install 'jaxes[cuda12]'`):
-    python -m jaxes.main --config=configs/cifar10.py --workdir=runs/cifar10
+Prepare the data once (needs `.venv/bin/pip install -e '.[prepare]'` and the network):
+    .venv/bin/python -m jaxes.data prepare cifar10 --data_dir=$HOME/.cache/jaxes/tensorflow_datasets
+Command (a GPU or TPU is advised: `.venv/bin/pip install -e '.[cuda12]'`):
+    .venv/bin/python -m jaxes.main --config=configs/cifar10.py --workdir=runs/cifar10
 
 Time and result: not measured on the dev machine, which cannot download CIFAR-10. Without the
 prepared data the run exits 2 with the command above.

@@ -1,7 +1,7 @@
 """The default job: rounds of evolutionary architecture search on scikit-learn's digits.
 
 Command (what `make run` does):
-    python -m jaxes.main --config=configs/digits.py --workdir=runs/digits
+    .venv/bin/python -m jaxes.main --config=configs/digits.py --workdir=runs/digits
 
 Variants by argument: `configs/digits.py:smoke` (a seconds-long run for tests) and
 `configs/digits.py:blocks` (the same search over the block fields too: norm, residual skips,

