@@ -185,9 +185,9 @@ def save_cache(path: Path, sequences: dict) -> None:
              sorted(sequences.items())]  # fmt: skip
     body = ",\n".join(lines)
     text = f'{{"version": {CACHE_VERSION}, "sequences": {{\n{body}\n}}}}\n'
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    from jaxes import files
+
+    files.atomic_write_text(path, text)
 
 
 def ensure(path: Path, seeds, horizon: int, *, smoke: bool, work_root: Path, data_dir: str = "",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -79,12 +78,10 @@ def _write_outputs(out: Path, embeddings: np.ndarray, record: dict) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.save(buffer, embeddings.astype(np.float32), allow_pickle=False)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buffer.getvalue())
     # The rows' record first, the array last: a new .npy always has its .json beside it.
     record_path = out.with_suffix(".json")
-    files.atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out)
+    record_bytes = (json.dumps(record, indent=2) + "\n").encode("utf-8")
+    files.atomic_write_files((record_path, record_bytes), (out, buffer.getvalue()))
     return record_path
 
 

@@ -41,8 +41,31 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
       path: The file to write; its directory must exist.
       data: The new content.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    atomic_write_files((path, data))
+
+
+def atomic_write_files(*files: tuple[str | os.PathLike, bytes]) -> None:
+    """``atomic_write_bytes`` of several ``(path, data)`` files, replaced in the order given.
+
+    Every file is written and flushed beside its target before the first one is replaced, so a
+    full disk or another write error replaces none of them; a kill between two replacements
+    leaves the earlier ones new. (``embed`` writes a row record, then the array it describes.)
+    """
+    staged = []
+    try:
+        for path, data in files:
+            path = Path(path)
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+            staged.append((tmp, path))
+            _write_flushed(tmp, data, path)
+        for tmp, path in staged:
+            _replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+
+
+def _write_flushed(tmp: Path, data: bytes, path: Path) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
@@ -52,6 +75,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror or str(error), os.fspath(path)) from error
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    try:
         os.replace(tmp, path)
         # The rename itself is durable only once the directory entry is flushed.
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -60,11 +89,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         finally:
             os.close(dir_fd)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
         raise OSError(error.errno, error.strerror or str(error), os.fspath(path)) from error
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

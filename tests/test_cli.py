@@ -187,6 +187,19 @@ def test_the_atomic_writer_names_the_target_not_its_temporary(tmp_path):
     assert error.value.filename == str(target)
 
 
+def test_two_files_written_together_replace_neither_when_the_second_fails(tmp_path):
+    record, array = tmp_path / "emb.json", tmp_path / "emb.npy"
+    record.write_text("old record")
+    missing = tmp_path / "missing" / "emb.npy"  # its directory is missing: staging it fails
+    with pytest.raises(OSError) as error:
+        files.atomic_write_files((record, b"new record"), (missing, b"new array"))
+    assert error.value.filename == str(missing)
+    assert record.read_text() == "old record"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.json"]  # no temporary left
+    files.atomic_write_files((record, b"new record"), (array, b"new array"))
+    assert (record.read_bytes(), array.read_bytes()) == (b"new record", b"new array")
+
+
 def test_a_finished_run_says_so_prints_its_summary_and_writes_nothing(
     capsys, smoke_run, tmp_path, digits_data_dir
 ):
