@@ -189,7 +189,7 @@ def _plots(out_path, model, spec, loaded, images, embeddings, labels, batch_size
     train = loaded.train
     train_emb = embed_images(model, spec, train.images, batch_size)
     names = tuple(loaded.class_names)
-    paths = [out_path.parent / vis.NEIGHBORS, out_path.parent / vis.EMBEDDING]
+    paths = [out_path.parent / files.NEIGHBORS, out_path.parent / files.EMBEDDING]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     vis.plot_neighbors(paths[0], images, labels, train.images, train.labels, embeddings,
                        train_emb, names)  # fmt: skip

@@ -17,11 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxes import infer
+from jaxes import files, infer
 from jaxes.plot import _save_atomically
 
-NEIGHBORS = "neighbors.png"
-EMBEDDING = "embedding.png"
 TSNE_MAX = 2000
 
 
@@ -171,7 +169,7 @@ def write_plots(directory, data, train_emb, test_emb, *, title: str = "") -> lis
     """Writes ``neighbors.png`` and ``embedding.png`` of a data set's test split into
     ``directory``; returns their paths."""
     directory = Path(directory)
-    paths = [directory / NEIGHBORS, directory / EMBEDDING]
+    paths = [directory / files.NEIGHBORS, directory / files.EMBEDDING]
     names = tuple(data.class_names)
     plot_neighbors(paths[0], data.test.images, data.test.labels, data.train.images,
                    data.train.labels, test_emb, train_emb, names)  # fmt: skip
