@@ -222,15 +222,22 @@ class Checkpointer:
         self._pending_round = None
 
     def restore_best(
-        self, *, abstract_params: Any = None, round_index: int | None = None
+        self,
+        *,
+        abstract_params: Any = None,
+        round_index: int | None = None,
+        sharding: jax.sharding.Sharding | None = None,
     ) -> tuple[Any, dict]:
         """Restores a best instance onto the devices present now.
 
         Args:
           abstract_params: A pytree of ``jax.ShapeDtypeStruct`` with ``.sharding`` to restore
-            onto. If None, the saved pytree (same containers and key types) is restored onto
-            this process's first local device, whatever devices it was saved from.
+            onto. If None, the saved pytree (same containers and key types) is restored with
+            every leaf on ``sharding``, whatever devices it was saved from.
           round_index: The step to restore; defaults to the newest.
+          sharding: Where every leaf goes when ``abstract_params`` is None (e.g. replicated over
+            a run's mesh, so the programs that use it never reshard it); default: this
+            process's first local device.
 
         Returns:
           ``(params, meta)``.
@@ -255,11 +262,12 @@ class Checkpointer:
             header = manager.restore(step, args=ocp.args.Composite(tree=ocp.args.JsonRestore()))
             metadata = manager.item_metadata(step)["params"]
             metadata = getattr(metadata, "tree", metadata)
-            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            if sharding is None:
+                sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             abstract_params = pytree.rebuild(
                 header["tree"],
                 metadata,
-                lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+                lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
             )
         else:
             for leaf in jax.tree.leaves(abstract_params):

@@ -92,12 +92,19 @@ def abstract_model(meta: Meta) -> models.Model:
     )
 
 
-def load(workdir: str | os.PathLike, round_index: int | None = None) -> tuple[models.Model, Meta]:
+def load(
+    workdir: str | os.PathLike,
+    round_index: int | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+) -> tuple[models.Model, Meta]:
     """Restores the best instance of a run onto the devices present now.
 
     Args:
       workdir: the run directory.
       round_index: the best round to restore (default: the newest saved).
+      sharding: where its parameters go (e.g. ``sharding.replicated(mesh)``, what the jitted
+        evaluation and embedding take, so they never reshard it); default: the first local
+        device.
 
     Returns:
       (model, meta): the model with its trained parameters, and its ``Meta``.
@@ -113,7 +120,7 @@ def load(workdir: str | os.PathLike, round_index: int | None = None) -> tuple[mo
             "first."
         )
     with checkpoint.Checkpointer(directory, is_primary=False) as ckpt:
-        pure, record = ckpt.restore_best(round_index=round_index)
+        pure, record = ckpt.restore_best(round_index=round_index, sharding=sharding)
     meta = Meta.from_json(record)
     graphdef, state = nnx.split(abstract_model(meta))
     nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, pure))

@@ -133,7 +133,9 @@ def _finish(config, workdir, data, mesh, tol, stop_reason, records, wall_seconds
         "wall_seconds": wall_seconds,
     }
     if tol.best_round is not None:
-        model, meta = instance.load(workdir, round_index=tol.best_round)
+        # Restored straight onto the mesh, replicated, as the evaluator's programs take it.
+        rep = sharding.replicated(mesh)
+        model, meta = instance.load(workdir, round_index=tol.best_round, sharding=rep)
         graphdef, state = nnx.split(model)
         evaluator = infer.Evaluator(graphdef, data.spec, mesh, config.train.eval_batch_size)
         test = evaluator.evaluate(state, data.test)

@@ -345,3 +345,19 @@ def test_saved_on_8_devices_restores_on_1_device(tmp_path):
     assert len(report["shardings"]) == 1 and "SingleDeviceSharding" in report["shardings"][0]
     # Neither process may spam the console through Orbax's absl logging.
     assert "orbax" not in (saver.stderr + restorer.stderr).lower()
+
+
+def test_the_best_instance_is_restored_onto_the_sharding_asked_for(smoke_run):
+    import jax
+    from flax import nnx
+
+    from jaxes import instance, sharding
+
+    rep = sharding.replicated(sharding.make_mesh(jax.devices()))
+    model, _ = instance.load(smoke_run, sharding=rep)
+    leaves = jax.tree.leaves(nnx.state(model))
+    assert leaves and all(leaf.sharding == rep for leaf in leaves)
+    # The default is this process's first device, not the mesh.
+    model, _ = instance.load(smoke_run)
+    first = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    assert all(leaf.sharding == first for leaf in jax.tree.leaves(nnx.state(model)))
