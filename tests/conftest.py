@@ -37,6 +37,15 @@ if not any(name in os.environ.get("XLA_FLAGS", "") for name in _NAMED):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_CPU_FLAG}".strip()
 
 
+# The CLI subprocesses fail on a deprecation that jaxes' own code triggers, as the test processes
+# do (pyproject.toml). Only their own modules: a subprocess has none of pytest's ignores for
+# third-party code. (-W matches a module name exactly, hence one entry per module.)
+_OWN = sorted(f"jaxes.{p.stem}" for p in (Path(__file__).parents[1] / "jaxes").glob("*.py"))
+os.environ.setdefault(
+    "PYTHONWARNINGS", ",".join(f"error::DeprecationWarning:{m}" for m in ["__main__", *_OWN])
+)
+
+
 def device_flags(devices: int) -> str:
     """``XLA_FLAGS`` for a subprocess that sees ``devices`` CPU devices (and the suite's flag)."""
     return f"--xla_force_host_platform_device_count={devices} {XLA_CPU_FLAG}"
