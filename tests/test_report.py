@@ -138,3 +138,36 @@ def test_the_report_imports_no_jax(smoke_run):
     proc = subprocess.run([sys.executable, "-c", probe, str(smoke_run)], capture_output=True,
                           text=True, cwd=ROOT, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_live_run_then_the_same_run_killed_are_read_as_they_stand(
+    capsys, tmp_path, digits_data_dir
+):
+    # A real run in its own process: read while it runs (it holds the lock), then after SIGKILL.
+    import signal
+
+    from tests.test_cli import _committed, _start, _wait_for
+
+    proc = _start(tmp_path, digits_data_dir)
+    try:
+        _wait_for(lambda: _committed(tmp_path) >= 1, proc, "round 0 was committed")
+        proc.send_signal(signal.SIGSTOP)  # alive and holding its lock, but it cannot finish now
+        code, out, _ = _report(capsys, str(tmp_path))
+        assert code == 0 and out.startswith(f"{tmp_path}: running, "), out
+        code, out, _ = _report(capsys, str(tmp_path), "--csv")  # one run: a row per round
+        assert code == 0
+        seen = [int(r["round"]) for r in csv.DictReader(io.StringIO(out))]
+        assert seen and seen == list(range(len(seen)))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    committed = _committed(tmp_path)
+    before = _state(tmp_path)
+    code, out, _ = _report(capsys, str(tmp_path))
+    assert code == 0
+    head, _, _, *rows = out.strip().splitlines()
+    assert head.startswith(f"{tmp_path}: stopped, {committed} round"), head
+    assert [int(r.split()[0]) for r in rows] == list(range(committed))  # committed rounds only
+    code, out, _ = _report(capsys, str(tmp_path), "--csv")
+    assert [int(r["round"]) for r in csv.DictReader(io.StringIO(out))] == list(range(committed))
+    assert _state(tmp_path) == before  # reading wrote nothing
