@@ -22,6 +22,8 @@ import shutil
 import time
 from pathlib import Path
 
+from jaxes import files  # standard library only: no JAX at import
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_VERSION = 1
 STRATEGIES = ("random", "evolution")
@@ -185,8 +187,6 @@ def save_cache(path: Path, sequences: dict) -> None:
              sorted(sequences.items())]  # fmt: skip
     body = ",\n".join(lines)
     text = f'{{"version": {CACHE_VERSION}, "sequences": {{\n{body}\n}}}}\n'
-    from jaxes import files
-
     files.atomic_write_text(path, text)
 
 

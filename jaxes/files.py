@@ -53,45 +53,37 @@ def atomic_write_files(*files: tuple[str | os.PathLike, bytes]) -> None:
     full disk or another write error replaces none of them; a kill between two replacements
     leaves the earlier ones new. (``embed`` writes a row record, then the array it describes.)
     """
-    staged = []
+    staged, current = [], None
     try:
         for path, data in files:
-            path = Path(path)
-            tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-            staged.append((tmp, path))
-            _write_flushed(tmp, data, path)
-        for tmp, path in staged:
-            _replace(tmp, path)
+            current = Path(path)
+            tmp = current.with_name(f".{current.name}.{secrets.token_hex(4)}.tmp")
+            staged.append((tmp, current))
+            _write_flushed(tmp, data)
+        for tmp, current in staged:
+            os.replace(tmp, current)
+            # The rename itself is durable only once the directory entry is flushed.
+            dir_fd = os.open(current.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except OSError as error:  # named by the user's file, never by its temporary
+        raise OSError(error.errno, error.strerror or str(error), os.fspath(current)) from error
     finally:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
 
 
-def _write_flushed(tmp: Path, data: bytes, path: Path) -> None:
+def _write_flushed(tmp: Path, data: bytes) -> None:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as error:
-        raise OSError(error.errno, error.strerror or str(error), os.fspath(path)) from error
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    try:
-        os.replace(tmp, path)
-        # The rename itself is durable only once the directory entry is flushed.
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as error:
-        raise OSError(error.errno, error.strerror or str(error), os.fspath(path)) from error
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
