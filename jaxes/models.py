@@ -225,22 +225,33 @@ class Model(nnx.Module):
         self.embedding = nnx.Linear(features, arch.embed_dim, rngs=rngs)
         self.head = nnx.Linear(arch.embed_dim, num_classes, rngs=rngs)
 
-    def embed(self, images: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        """The feature vector (N, embed_dim) of each image; ``key=None`` means eval mode."""
+    def embed(
+        self, images: jax.Array, key: jax.Array | None = None, gates: Sequence | None = None
+    ) -> jax.Array:
+        """The feature vector (N, embed_dim) of each image; ``key=None`` means eval mode.
+
+        ``gates`` (a depth-padded bucket's, ``padding.gates``): one traced bool per block; a
+        block whose gate is False is skipped (``lax.cond``: its input passes on unchanged).
+        """
         x = images
         if self.arch.backbone == "mlp":
             x = x.reshape(x.shape[0], -1)
-        for block, pool, block_key in zip(
-            self.blocks, self.pools, _block_keys(key, len(self.blocks)), strict=True
-        ):
-            x = block(x, block_key)
+        blocks = zip(self.blocks, self.pools, _block_keys(key, len(self.blocks)), strict=True)
+        for index, (block, pool, block_key) in enumerate(blocks):
+            if gates is None or index == 0:
+                x = block(x, block_key)
+            else:
+                x = jax.lax.cond(gates[index], lambda x, b=block, k=block_key: b(x, k),
+                                 lambda x: x, x)  # fmt: skip
             if pool:
                 x = nnx.avg_pool(x, (2, 2), strides=(2, 2))
         return self.embedding(x.reshape(x.shape[0], -1))
 
-    def logits(self, images: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    def logits(
+        self, images: jax.Array, key: jax.Array | None = None, gates: Sequence | None = None
+    ) -> jax.Array:
         """Class logits (N, num_classes), from the embedding."""
-        return self.head(self.embed(images, key))
+        return self.head(self.embed(images, key, gates))
 
     __call__ = logits
 

@@ -23,6 +23,15 @@ The real sizes are traced arguments (``RealSizes``), so one program serves every
 bucket. ``init`` draws each kernel's real part from ``lecun_normal`` on the *real* fan-in, so the
 real units start from exactly the distribution of the unpadded init.
 
+*Depth* pads too, for an MLP whose blocks all have one width (``width_growth`` 1): its bucket has
+the space's largest depth, and a block beyond an instance's depth is masked to zero whole, which
+``gates`` reads back from the mask (a block is in the instance iff its first bias unit is real).
+The model runs such a block under ``lax.cond`` on its gate (``models.Model.embed``): a skipped
+block passes its input on unchanged, so no compute is spent on it in a population of one, and
+its parameters get a zero gradient. Every block after the first maps the bucket's width to
+itself, so the embedding reads the last real block's output, whatever the depth. So all the
+MLPs of a space share one program, where they took one per depth.
+
 ``unpad`` cuts a trained padded instance back to its own architecture; that is what is saved,
 embedded and exported.
 """
@@ -58,17 +67,27 @@ class RealSizes:
     embed_dim: jax.Array
 
     @classmethod
-    def one(cls, arch: models.Arch) -> RealSizes:
-        """The sizes of one instance (no instance axis)."""
-        return cls(np.asarray(arch.widths, np.int32), np.asarray(arch.embed_dim, np.int32))
+    def one(cls, arch: models.Arch, depth: int | None = None) -> RealSizes:
+        """The sizes of one instance (no instance axis) in a bucket of ``depth`` blocks (default:
+        its own); a block beyond its depth has width 0."""
+        return cls(_widths(arch, depth), np.asarray(arch.embed_dim, np.int32))
 
     @classmethod
-    def of(cls, archs: Sequence[models.Arch]) -> RealSizes:
-        """The stacked sizes of ``archs`` (a leading instance axis; one bucket, so one depth)."""
+    def of(cls, archs: Sequence[models.Arch], depth: int | None = None) -> RealSizes:
+        """The stacked sizes of ``archs`` (a leading instance axis) in a bucket of ``depth``
+        blocks (default: the deepest of ``archs``)."""
+        depth = max(a.depth for a in archs) if depth is None else depth
         return cls(
-            widths=np.asarray([a.widths for a in archs], np.int32),
+            widths=np.stack([_widths(a, depth) for a in archs]),
             embed_dim=np.asarray([a.embed_dim for a in archs], np.int32),
         )
+
+
+def _widths(arch: models.Arch, depth: int | None) -> np.ndarray:
+    depth = arch.depth if depth is None else depth
+    if depth < arch.depth:
+        raise ValueError(f"a bucket of depth {depth} cannot hold {arch.short()}.")
+    return np.asarray([*arch.widths, *(0,) * (depth - arch.depth)], np.int32)
 
 
 jax.tree_util.register_dataclass(RealSizes, data_fields=["widths", "embed_dim"], meta_fields=[])
@@ -79,9 +98,10 @@ def bucket(
     space: Mapping[str, Sequence],
     pad_backbones: Sequence[str] = DEFAULT_PAD_BACKBONES,
 ) -> models.Arch:
-    """The bucket of ``arch``: its width and embedding size raised to the largest in ``space``.
+    """The bucket of ``arch``: its width, embedding size and (``depth_pads``) depth raised to
+    the largest in ``space``.
 
-    Every other field (depth, growth, norm, residual, ...) stays: it shapes the program.
+    Every other field (growth, norm, residual, ...) stays: it shapes the program.
 
     Args:
       arch: the architecture.
@@ -96,7 +116,29 @@ def bucket(
 
     pads = arch.backbone in pad_backbones and arch.norm == "none"
     width = top("width", arch.width) if pads else arch.width
-    return dataclasses.replace(arch, width=width, embed_dim=top("embed_dim", arch.embed_dim))
+    depth = top("depth", arch.depth) if pads and depth_pads(arch) else arch.depth
+    return dataclasses.replace(
+        arch, depth=depth, width=width, embed_dim=top("embed_dim", arch.embed_dim)
+    )
+
+
+def depth_pads(arch: models.Arch) -> bool:
+    """Whether instances of shallower depths can share ``arch``'s program (module docstring):
+    a built-in MLP without normalization whose blocks all have one width."""
+    return arch.backbone == "mlp" and arch.norm == "none" and arch.width_growth == 1.0
+
+
+def gates(mask, bucket_arch: models.Arch) -> tuple | None:
+    """Per block of a depth-padded bucket, whether it is in the instance (a traced bool read off
+    the block's mask); None for a bucket whose depth does not pad or that has one block."""
+    if not (depth_pads(bucket_arch) and bucket_arch.depth > 1):
+        return None
+    found = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]:
+        names = _names(path)
+        if names[0] == "blocks" and names[2:] == ["layer", "bias"]:
+            found[names[1]] = leaf[0] > 0
+    return tuple(found[i] for i in range(bucket_arch.depth))
 
 
 def _names(path: tuple) -> list:
@@ -113,8 +155,10 @@ def _axes(path: tuple, ndim: int, backbone: str, depth: int) -> tuple:
     """What bounds each axis of the parameter at ``path``.
 
     ``None``: never padded; ``("width", i)``: the first ``widths[i]`` entries are real;
-    ``"embed"``: the first ``embed_dim``; ``"flat_width"``: a flattened (..., channels) axis of
-    the last block's output, whose channel index is ``i % channels``.
+    ``"embed"``: the first ``embed_dim``; ``"last_width"``: the last real block's width (an MLP
+    embedding's input; a depth-padded bucket has blocks of width 0 after it); ``"flat_width"``:
+    a flattened (..., channels) axis of the last block's output, whose channel index is
+    ``i % channels``.
     """
     names = _names(path)
     leaf = names[-1]
@@ -129,7 +173,7 @@ def _axes(path: tuple, ndim: int, backbone: str, depth: int) -> tuple:
     if names[0] == "embedding":
         if leaf == "bias":
             return ("embed",)
-        return ("flat_width" if backbone == "cnn" else ("width", depth - 1), "embed")
+        return ("flat_width" if backbone == "cnn" else "last_width", "embed")
     if names[0] == "head":
         return (None,) if leaf == "bias" else ("embed", None)
     raise ValueError(f"no padding rule for parameter {'/'.join(map(str, names))}")
@@ -143,6 +187,9 @@ def _axis_mask(kind, length: int, channels: int, sizes: RealSizes) -> jax.Array:
         return index % channels < sizes.widths[-1]
     if kind == "embed":
         return index < sizes.embed_dim
+    if kind == "last_width":
+        real_depth = jnp.sum(sizes.widths > 0)
+        return index < jnp.take(sizes.widths, real_depth - 1)
     return index < sizes.widths[kind[1]]
 
 
@@ -200,11 +247,14 @@ def init(abstract_params, mask_tree, key: jax.Array):
 
 
 def unpad(pure: Mapping, bucket_arch: models.Arch, arch: models.Arch) -> dict:
-    """The parameters of ``arch`` cut out of a padded instance's pure dict (host arrays)."""
+    """The variables of ``arch`` cut out of a padded instance's pure dict (host arrays): its
+    parameters, or its other state (log-rates), whose blocks beyond ``arch.depth`` it drops."""
     widths, channels = arch.widths, bucket_arch.widths[-1]
 
     def real(kind) -> int:
-        return arch.embed_dim if kind == "embed" else widths[kind[1]]
+        if kind == "embed":
+            return arch.embed_dim
+        return widths[-1] if kind == "last_width" else widths[kind[1]]
 
     def cut(path, leaf):
         leaf = np.asarray(leaf)
@@ -223,6 +273,8 @@ def unpad(pure: Mapping, bucket_arch: models.Arch, arch: models.Arch) -> dict:
 
     def walk(node, path):
         if isinstance(node, Mapping):
+            if path == ("blocks",):  # a depth-padded bucket's blocks beyond the instance
+                node = {k: v for k, v in node.items() if k < arch.depth}
             return {k: walk(v, (*path, k)) for k, v in node.items()}
         return cut(path, node)
 

@@ -68,15 +68,16 @@ def patience_rule(best, streak, epoch, loss, *, patience, min_delta, max_epochs)
     return best, streak, improved, stopped
 
 
-def _evaluate(graphdef, spec, eval_batch, params, rest, images, labels, mask):
-    """Mean loss and the count of correct predictions over the (padded, masked) validation set."""
+def _evaluate(graphdef, spec, eval_batch, params, rest, images, labels, mask, gates=None):
+    """Mean loss and the count of correct predictions over the (padded, masked) validation set;
+    ``gates``: a depth-padded bucket's (``padding.gates``)."""
     chunks = images.shape[0] // eval_batch
     shape = (chunks, eval_batch)
 
     def body(totals, xs):
         x, y, m = xs
         model = nnx.merge(graphdef, params, rest)
-        logits = model.logits(data_lib.normalize(x, spec))
+        logits = steps.logits_of(model, data_lib.normalize(x, spec), gates=gates)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         hits = jnp.argmax(logits, axis=-1) == y
         return (
@@ -93,10 +94,11 @@ def _evaluate(graphdef, spec, eval_batch, params, rest, images, labels, mask):
     return loss / jnp.sum(mask), hits
 
 
-def _train_one(graphdef, st: Static, batch_spec, report, lane):
+def _train_one(graphdef, st: Static, batch_spec, report, bucket_arch, lane):
     """The to-convergence function of one instance (vmapped by ``program``)."""
     h = st.hparams
     params, rest, mask, hyper, raw_keys, active, index = lane
+    gates = None if bucket_arch is None else padding.gates(mask, bucket_arch)
     data_key, dropout_key = (jax.random.wrap_key_data(raw_keys[i]) for i in range(2))
 
     def run(images, labels, val_images, val_labels, val_mask):
@@ -118,11 +120,11 @@ def _train_one(graphdef, st: Static, batch_spec, report, lane):
             epoch = c["epoch"]
             carry, train_loss = steps.scan_epoch(
                 graphdef, h, batch_spec, hyper, mask, c["carry"], images, labels,
-                (data_key, dropout_key), epoch,
+                (data_key, dropout_key), epoch, gates,
             )  # fmt: skip
             val_loss, val_hits = _evaluate(
                 graphdef, h.spec, st.eval_batch_size, carry[0], carry[2],
-                val_images, val_labels, val_mask,
+                val_images, val_labels, val_mask, gates,
             )  # fmt: skip
             bad = ~(jnp.isfinite(train_loss) & jnp.isfinite(val_loss))
             best, streak, improved, stopped = patience_rule(
@@ -160,7 +162,9 @@ def _train_one(graphdef, st: Static, batch_spec, report, lane):
     return run
 
 
-def program(graphdef, st: Static, mesh, report: Callable | None = None) -> Callable[..., dict]:
+def program(
+    graphdef, st: Static, mesh, report: Callable | None = None, bucket_arch=None
+) -> Callable[..., dict]:
     """The jitted population program of one bucket graph.
 
     Args:
@@ -169,6 +173,8 @@ def program(graphdef, st: Static, mesh, report: Callable | None = None) -> Calla
       mesh: the ``("rounds", "data")`` mesh; the population size must divide over ``rounds``.
       report: called as ``report(instance_index, epoch, val_loss, live)`` after every epoch
         (host side; numpy values, batched or not); ``live`` is False for a frozen instance.
+      bucket_arch: the bucket's ``Arch`` (a built-in one); where its depth pads, each instance
+        skips the blocks beyond its own depth (``padding.gates``). None: no block is skipped.
 
     Returns:
       ``fn(lanes, images, labels, val_images, val_labels, val_mask) -> outputs`` where ``lanes``
@@ -183,7 +189,7 @@ def program(graphdef, st: Static, mesh, report: Callable | None = None) -> Calla
     # Named for XLA's compile logs and jax.monitoring: "jit(round_program)".
     def round_program(lanes, images, labels, val_images, val_labels, val_mask):
         def one(lane):
-            return _train_one(graphdef, st, batch_spec, report, lane)(
+            return _train_one(graphdef, st, batch_spec, report, bucket_arch, lane)(
                 images, labels, val_images, val_labels, val_mask
             )
 

@@ -46,9 +46,16 @@ jax.tree_util.register_dataclass(
 )
 
 
-def _loss_fn(graphdef, params, rest, images, labels, key, spec):
+def logits_of(model, images, key=None, gates=None):
+    """``model.logits``, with a depth-padded bucket's ``gates`` (``padding.gates``) if any."""
+    if gates is None:  # a registered backbone takes no gates
+        return model.logits(images, key)
+    return model.logits(images, key, gates)
+
+
+def _loss_fn(graphdef, params, rest, images, labels, key, spec, gates):
     model = nnx.merge(graphdef, params, rest)
-    logits = model.logits(data_lib.normalize(images, spec), key)
+    logits = logits_of(model, data_lib.normalize(images, spec), key, gates)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
@@ -57,15 +64,19 @@ def optimizer(hyper: Hyper) -> optax.GradientTransformation:
     return optax.adamw(hyper.learning_rate, weight_decay=hyper.weight_decay)
 
 
-def step(graphdef, h, batch_spec, hyper, mask, carry, images, labels, dropout_key, step_index):
-    """One AdamW step. ``mask`` (or None) keeps a padded instance's padding at zero."""
+def step(
+    graphdef, h, batch_spec, hyper, mask, carry, images, labels, dropout_key, step_index,
+    gates=None,
+):  # fmt: skip
+    """One AdamW step. ``mask`` (or None) keeps a padded instance's padding at zero; ``gates``
+    (or None) are a depth-padded bucket's (``padding.gates``)."""
     params, opt_state, rest = carry
     if batch_spec is not None:
         images = jax.lax.with_sharding_constraint(images, batch_spec)
         labels = jax.lax.with_sharding_constraint(labels, batch_spec)
     key = jax.random.fold_in(dropout_key, step_index)
     loss, grads = jax.value_and_grad(_loss_fn, argnums=1)(
-        graphdef, params, rest, images, labels, key, h.spec
+        graphdef, params, rest, images, labels, key, h.spec, gates
     )
     updates, opt_state = optimizer(hyper).update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
@@ -80,7 +91,9 @@ def epoch_order(data_key, epoch: int, num_examples: int, h: HParams):
     return perm[: h.steps_per_epoch * h.batch_size].reshape(h.steps_per_epoch, h.batch_size)
 
 
-def scan_epoch(graphdef, h, batch_spec, hyper, mask, carry, images, labels, keys2, epoch):
+def scan_epoch(
+    graphdef, h, batch_spec, hyper, mask, carry, images, labels, keys2, epoch, gates=None
+):
     """One epoch as a ``lax.scan`` over a keyed permutation of the on-device data.
 
     ``keys2`` is ``(data_key, dropout_key)``; returns the new carry and the mean train loss.
@@ -93,7 +106,7 @@ def scan_epoch(graphdef, h, batch_spec, hyper, mask, carry, images, labels, keys
         index, offset = xs
         return step(
             graphdef, h, batch_spec, hyper, mask, carry, images[index], labels[index],
-            dropout_key, offset,
+            dropout_key, offset, gates,
         )  # fmt: skip
 
     unroll = h.steps_per_epoch if h.driver == "unrolled" else 1

@@ -52,7 +52,8 @@ def _programs_of(bucket: models.Arch, st, mesh, shape: tuple, num_classes: int, 
     """A bucket's ``(graphdef, init, run)``; ``run`` calls ``report`` after every epoch."""
     graphdef = steps.graph_of(bucket, shape, num_classes)
     init = population.init_program(bucket, shape, num_classes, mesh)
-    return graphdef, init, population.program(graphdef, st, mesh, report)
+    bucket_arch = bucket if bucket.builtin else None
+    return graphdef, init, population.program(graphdef, st, mesh, report, bucket_arch)
 
 
 @functools.lru_cache(maxsize=32)
@@ -334,10 +335,11 @@ class Engine:
         round_keys = [keys.RoundKeys.of(jobs[i].key) for i in lanes]
         pop = sharding.population_sharded(self.mesh)
         raw = lambda ks: np.stack([np.asarray(jax.random.key_data(k)) for k in ks])  # noqa: E731
+        sizes = padding.RealSizes.of([jobs[i].arch for i in lanes], bucket.depth)
         params, rest, mask = init(
             sharding.put(raw([k.init for k in round_keys]), pop),
             sharding.put(np.asarray([log_rates[i] for i in lanes], np.float32), pop),
-            sharding.put_tree(padding.RealSizes.of([jobs[i].arch for i in lanes]), pop),
+            sharding.put_tree(sizes, pop),
         )
         hyper = steps.Hyper(
             np.asarray([jobs[i].learning_rate for i in lanes], np.float32),
@@ -388,9 +390,11 @@ class Engine:
         if best_epoch >= 0:
             pick = lambda tree: jax.tree.map(lambda x: x[lane], tree)  # noqa: E731
             pure = nnx.to_pure_dict(pick(host["params"]))
+            rest = nnx.to_pure_dict(pick(host["rest"]))
             if bucket.builtin:
                 pure = padding.unpad(pure, bucket, job.arch)
-            pure = _merge(pure, nnx.to_pure_dict(pick(host["rest"])))
+                rest = padding.unpad(rest, bucket, job.arch)
+            pure = _merge(pure, rest)
             state = jax.tree.map(lambda x: x, abstract)  # a fresh State to fill
             nnx.replace_by_pure_dict(state, sharding.put_tree(pure, sharding.replicated(self.mesh)))
             metrics = {k: v for k, v in history[best_epoch].items() if k != "epoch"}

@@ -92,7 +92,7 @@ def _padded_and_own(arch, bucket, input_shape, key):
     params_shape, _ = jax.eval_shape(
         lambda: steps.init_instance(bucket, input_shape, 10, jax.random.key(0), -1.0)
     )
-    sizes = padding.RealSizes.one(arch)
+    sizes = padding.RealSizes.one(arch, bucket.depth)
     mask = padding.masks(params_shape, bucket, sizes)
     params = padding.init(params_shape, mask, key)
     # Make biases non-zero on real units so the test sees them too.
@@ -121,25 +121,39 @@ def _padded_and_own(arch, bucket, input_shape, key):
             models.Arch("cnn", 2, 4, 8, kernel_size=5, residual=True, width_growth=2.0),
             models.Arch("cnn", 2, 8, 16, kernel_size=5, residual=True, width_growth=2.0),
         ),
+        # Depth pads too: an MLP of one block and one with identity skips in deeper buckets.
+        (models.Arch("mlp", 1, 24, 8), models.Arch("mlp", 3, 64, 32)),
+        (
+            models.Arch("mlp", 2, 24, 8, residual=True),
+            models.Arch("mlp", 4, 64, 32, residual=True),
+        ),
     ],
     ids=lambda arch: arch.short(),
 )
 def test_padded_instance_computes_its_own_architecture(arch, bucket):
     input_shape = (8, 8, 1)
-    params, own, _ = _padded_and_own(arch, bucket, input_shape, jax.random.key(3))
+    params, own, mask = _padded_and_own(arch, bucket, input_shape, jax.random.key(3))
     images = jax.random.uniform(jax.random.key(4), (5, *input_shape))
 
-    def outputs_of(a, pure):
+    def outputs_of(a, pure, mask=None):
         """(logits, embedding) of ``a`` with every variable taken from ``pure``, compiled (an
         eager forward pass compiles each op on its own, which costs far more here)."""
         graphdef, state = nnx.split(_abstract(a, input_shape))
         nnx.replace_by_pure_dict(state, pure)
         model = nnx.merge(graphdef, state)
-        return nnx.jit(lambda m, x: (m.logits(x), m.embed(x)))(model, images)
 
-    rates = {"blocks": {i: {"dropout": {"log_rate": -1.0}} for i in range(arch.depth)}}
-    padded_logits, emb = outputs_of(bucket, train._merge(nnx.to_pure_dict(params), rates))
-    small_logits, small_emb = outputs_of(arch, train._merge(own, rates))
+        def run(m, x, mask):
+            gates = None if mask is None else padding.gates(mask, a)
+            return steps.logits_of(m, x, gates=gates), m.embed(x, gates=gates)
+
+        return nnx.jit(run)(model, images, mask)
+
+    def rates(depth):
+        return {"blocks": {i: {"dropout": {"log_rate": -1.0}} for i in range(depth)}}
+
+    padded = train._merge(nnx.to_pure_dict(params), rates(bucket.depth))
+    padded_logits, emb = outputs_of(bucket, padded, mask)
+    small_logits, small_emb = outputs_of(arch, train._merge(own, rates(arch.depth)))
     # Equal up to the order of float32 additions (residual stacks reach logits in the hundreds).
     tol = {"rtol": 1e-5, "atol": 1e-5}
     np.testing.assert_allclose(padded_logits, small_logits, **tol)
@@ -158,6 +172,7 @@ def test_padded_instance_computes_its_own_architecture(arch, bucket):
             models.Arch("mlp", 3, 12, 8, residual=True, width_growth=2.0),
             models.Arch("mlp", 3, 32, 16, residual=True, width_growth=2.0),
         ),
+        (models.Arch("mlp", 1, 24, 8), models.Arch("mlp", 3, 64, 32)),
     ],
     ids=lambda arch: arch.short(),
 )
@@ -169,13 +184,40 @@ def test_padding_gets_zero_gradient_and_stays_zero(arch, bucket):
     labels = jnp.arange(16) % 10
 
     def loss(p):
-        logits = nnx.merge(graphdef, p, rest).logits(images, jax.random.key(7))
+        model = nnx.merge(graphdef, p, rest)
+        logits = steps.logits_of(model, images, jax.random.key(7), padding.gates(mask, bucket))
         return jnp.mean(logits**2) + jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(16), labels])
 
     grads = jax.jit(jax.grad(loss))(params)
     for g, m in zip(jax.tree.leaves(grads), jax.tree.leaves(mask), strict=True):
-        assert np.all(np.asarray(g)[np.asarray(m) == 0] == 0)
-        assert np.any(np.asarray(g)[np.asarray(m) == 1] != 0)
+        real = np.asarray(m) == 1
+        assert np.all(np.asarray(g)[~real] == 0)
+        assert not real.any() or np.any(np.asarray(g)[real] != 0)  # a skipped block has none
+
+
+def test_mlp_depth_pads_where_every_block_has_one_width():
+    space = {"depth": (1, 2, 3), "width": (32, 64), "embed_dim": (8, 16)}
+    assert padding.bucket(models.Arch("mlp", 1, 32, 8), space) == models.Arch("mlp", 3, 64, 16)
+    residual = models.Arch("mlp", 2, 32, 8, residual=True)
+    assert padding.bucket(residual, space) == models.Arch("mlp", 3, 64, 16, residual=True)
+    # Grown blocks, normalized blocks and CNNs keep their depth (and the last two their widths).
+    grown = models.Arch("mlp", 2, 32, 8, width_growth=2.0)
+    assert padding.bucket(grown, space) == models.Arch("mlp", 2, 64, 16, width_growth=2.0)
+    normed = models.Arch("mlp", 2, 32, 8, norm="layer")
+    assert padding.bucket(normed, space) == models.Arch("mlp", 2, 32, 16, norm="layer")
+    assert padding.bucket(models.Arch("cnn", 1, 32, 8), space) == models.Arch("cnn", 1, 32, 16)
+    # The gates read the mask: blocks beyond an instance's depth are out.
+    bucket = models.Arch("mlp", 3, 64, 16)
+    params_shape, _ = jax.eval_shape(
+        lambda: steps.init_instance(bucket, (8, 8, 1), 10, jax.random.key(0), -1.0)
+    )
+    for depth in (1, 2, 3):
+        sizes = padding.RealSizes.one(models.Arch("mlp", depth, 32, 8), bucket.depth)
+        gates = padding.gates(padding.masks(params_shape, bucket, sizes), bucket)
+        assert [bool(g) for g in gates] == [i < depth for i in range(3)]
+    assert padding.gates(params_shape, models.Arch("mlp", 1, 64, 16)) is None
+    with pytest.raises(ValueError, match="depth 1 cannot hold mlp-2x32-e8"):
+        padding.RealSizes.one(models.Arch("mlp", 2, 32, 8), 1)
 
 
 def test_padded_init_matches_the_unpadded_init_distribution():
@@ -282,3 +324,21 @@ def test_kept_instance_matches_padded_training_on_validation(digits):
     assert val["accuracy"] == result.metrics["val_accuracy"]
     assert val["loss"] == pytest.approx(result.metrics["val_loss"], abs=1e-5)
     assert isinstance(digits, data_lib.Data)
+
+
+def test_kept_instance_of_a_deeper_bucket_matches_its_training(digits):
+    """An MLP of one block trained in a bucket of three: the saved instance has one block and
+    scores what it scored in training."""
+    from jaxes import infer
+
+    config = _train_config()
+    config.max_epochs = 4
+    space = {"depth": (1, 3), "width": (16, 64), "embed_dim": (8, 32)}
+    engine = train.Engine(digits, config, space=space)
+    result = engine.train([train.Job(models.Arch("mlp", 1, 16, 8), jax.random.key(2), 1e-3, 0)])[0]
+    assert result.bucket == models.Arch("mlp", 3, 64, 32)
+    assert sorted(nnx.to_pure_dict(result.state)["blocks"]) == [0]
+    evaluator = infer.Evaluator(result.graphdef, digits.spec, sharding.make_mesh(), 512)
+    val = evaluator.evaluate(result.state, digits.validation)
+    assert val["accuracy"] == result.metrics["val_accuracy"]
+    assert val["loss"] == pytest.approx(result.metrics["val_loss"], abs=1e-5)

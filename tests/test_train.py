@@ -112,22 +112,25 @@ def test_trace_counter_sees_a_new_trace_and_compile():
 def test_same_bucket_and_searched_hyper_parameters_trigger_no_new_trace(digits):
     config = _train_config()
     config.max_epochs = 2
-    space = {"backbone": ("mlp",), "depth": (2,), "width": (32, 64), "embed_dim": (16, 32)}
+    space = {"backbone": ("mlp",), "depth": (1, 2), "width": (32, 64), "embed_dim": (16, 32)}
     engine = train.Engine(digits, config, space=space)
     arch = models.Arch("mlp", 2, 64, 32)
     engine.train([train.Job(arch, jax.random.key(0), 1e-3, 1e-4)])  # warm the caches
     assert engine.compiles == 1
-    # Another key and dropout-rate range, other sizes of the same bucket, another learning rate
-    # and weight decay: other instances, the same compiled programs.
+    # Another key and dropout-rate range, other sizes (and depth) of the same bucket, another
+    # learning rate and weight decay: other instances, the same compiled programs.
     config.dropout_rate = (0.1, 0.2)
     jobs = [
         train.Job(models.Arch("mlp", 2, 32, 16), jax.random.key(1), 3e-3, 0.0),
         train.Job(arch, jax.random.key(2), 1e-2, 1e-3),
+        train.Job(models.Arch("mlp", 1, 32, 32), jax.random.key(3), 1e-3, 1e-4),
     ]
     with _TraceCounter() as counter:
         engine.train(jobs[:1])
-        engine.train(jobs[1:])
+        engine.train(jobs[1:2])
+        shallow = engine.train(jobs[2:])
         results = engine.train([jobs[0]])
+    assert shallow[0].bucket == arch and not shallow[0].failed
     assert not results[0].failed
     assert math.log(0.1) <= results[0].log_rate <= math.log(0.2)
     assert results[0].learning_rate == 3e-3 and results[0].bucket == arch
