@@ -108,6 +108,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # Backbones whose block widths pad to the space's largest, sharing one program; CNN cost
     # grows with width squared, so CNNs keep their widths (every backbone pads embed_dim).
     config.parallel.pad_backbones = ("mlp",)
+    # Backbones whose depth pads to the space's largest where their blocks allow (one width, no
+    # normalization; a CNN where no block after the first pools, as on 8x8 digits): a block
+    # beyond an instance's depth is skipped (lax.cond), free in a program of one instance.
+    config.parallel.pad_depth_backbones = ("mlp", "cnn")
 
     # After the run: kNN top-1 of test embeddings against train embeddings, and (with it) the
     # pictures of the feature extractor, neighbors.png and embedding.png (a few seconds of CPU).

@@ -161,7 +161,10 @@ def main(argv=None) -> int:
     mesh = sharding.make_mesh(population=args.population)
     # One engine for every sequence: its compiled programs (one per bucket) are shared.
     bounds = runconfig.make_strategy(config).space
-    engine = train.Engine(data, config.train, mesh=mesh, space=bounds, pad_backbones=("mlp",))
+    # One program per depth, as when experiments/results/strategy_study.json was trained.
+    engine = train.Engine(
+        data, config.train, mesh=mesh, space=bounds, pad_backbones=("mlp",), depth_backbones=()
+    )
     evaluators: dict = {}
     start = time.monotonic()
     for seed in range(args.seeds):

@@ -54,6 +54,9 @@ def study_config(strategy: str, seed: int, horizon: int, *, smoke: bool, data_di
     # evolution proposes after it).
     config.parallel.rounds = 1
     config.parallel.pad_backbones = ("mlp",)  # one program per depth: widths and embeddings pad
+    # The committed caches were trained with one program per depth (before depths padded, on
+    # 2026-12-02): kept so that the study's command retrains exactly the sequences it reports.
+    config.parallel.pad_depth_backbones = ()
     if smoke:
         # The smoke config's own 6 architectures and training, so the tests share its programs.
         config.search.population = 3
@@ -77,6 +80,9 @@ def fingerprint(config) -> str:
     keep = {k: d[k] for k in fields}
     if keep["search"]["strategy"] != "tpe":  # tpe's settings shape only tpe's sequences
         keep["search"] = {k: v for k, v in keep["search"].items() if k != "tpe"}
+    if not keep["parallel"].get("pad_depth_backbones", ()):
+        # No depth padding is how every sequence ran before the field existed: the same hash.
+        keep["parallel"] = {k: v for k, v in keep["parallel"].items() if k != "pad_depth_backbones"}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -96,12 +102,15 @@ def _retrain_engine(config):
 
     space = runconfig.make_strategy(config).space
     pad = tuple(config.parallel.pad_backbones)
-    key = (config.dataset, config.data_dir, config.train.to_json(), json.dumps(space), pad)
+    depth = tuple(config.parallel.pad_depth_backbones)
+    key = (config.dataset, config.data_dir, config.train.to_json(), json.dumps(space), pad, depth)
     if key not in _ENGINES:
         data = data_lib.load(config.dataset, config.data_dir or None)
         mesh = sharding.make_mesh()
         # The run's own engine settings (its space's buckets), so a round retrains bit for bit.
-        engine = train_lib.Engine(data, config.train, mesh=mesh, space=space, pad_backbones=pad)
+        engine = train_lib.Engine(
+            data, config.train, mesh=mesh, space=space, pad_backbones=pad, depth_backbones=depth
+        )
         _ENGINES[key] = (data, mesh, engine)
     return _ENGINES[key]
 

@@ -195,6 +195,19 @@ def _pools(arch: Arch, index: int) -> bool:
     return False
 
 
+def pool_schedule(arch: Arch, input_shape: Sequence[int]) -> tuple[bool, ...]:
+    """Whether each block of a CNN ``arch`` is followed by a 2x2 average pool on ``input_shape``
+    (the schedule, while the side is at least 8); all False for an MLP."""
+    height, width = input_shape[:2]
+    pools = []
+    for index in range(arch.depth):
+        pool = arch.backbone == "cnn" and _pools(arch, index) and min(height, width) >= 8
+        pools.append(pool)
+        if pool:
+            height, width = height // 2, width // 2
+    return tuple(pools)
+
+
 class Model(nnx.Module):
     """Backbone of feature blocks -> embedding (the feature vector) -> classifier head.
 
@@ -204,24 +217,23 @@ class Model(nnx.Module):
     def __init__(self, arch: Arch, input_shape: Sequence[int], num_classes: int, log_rate, *, rngs):
         height, width, channels = input_shape
         self.arch = arch
-        blocks, pools = [], []
+        blocks = []
         kind = "dense" if arch.backbone == "mlp" else "conv"
         features = height * width * channels if kind == "dense" else channels
         options = {"kernel_size": arch.kernel_size, "norm": arch.norm, "rngs": rngs}
+        # A CNN halves its resolution by the schedule, while the side is at least 8, so 8x8
+        # digits end at 4x4, 28x28 at 7x7 and 32x32 at 4x4 and deep stacks stay cheap.
+        pools = pool_schedule(arch, input_shape)
         for index, out in enumerate(arch.widths):
             residual = arch.residual and index > 0
             blocks.append(FeatureBlock(kind, features, out, log_rate, residual=residual, **options))
-            # A CNN halves its resolution by the schedule, while the side is at least 8, so
-            # 8x8 digits end at 4x4, 28x28 at 7x7 and 32x32 at 4x4 and deep stacks stay cheap.
-            pool = kind == "conv" and _pools(arch, index) and min(height, width) >= 8
-            pools.append(pool)
-            if pool:
+            if pools[index]:
                 height, width = height // 2, width // 2
             features = out
         if kind == "conv":
             features = height * width * features
         self.blocks = nnx.List(blocks)
-        self.pools = tuple(pools)
+        self.pools = pools
         self.embedding = nnx.Linear(features, arch.embed_dim, rngs=rngs)
         self.head = nnx.Linear(arch.embed_dim, num_classes, rngs=rngs)
 

@@ -23,14 +23,18 @@ The real sizes are traced arguments (``RealSizes``), so one program serves every
 bucket. ``init`` draws each kernel's real part from ``lecun_normal`` on the *real* fan-in, so the
 real units start from exactly the distribution of the unpadded init.
 
-*Depth* pads too, for an MLP whose blocks all have one width (``width_growth`` 1): its bucket has
-the space's largest depth, and a block beyond an instance's depth is masked to zero whole, which
-``gates`` reads back from the mask (a block is in the instance iff its first bias unit is real).
-The model runs such a block under ``lax.cond`` on its gate (``models.Model.embed``): a skipped
-block passes its input on unchanged, so no compute is spent on it in a population of one, and
-its parameters get a zero gradient. Every block after the first maps the bucket's width to
-itself, so the embedding reads the last real block's output, whatever the depth. So all the
-MLPs of a space share one program, where they took one per depth.
+*Depth* pads too (``skips_blocks``), for a backbone in ``depth_backbones`` whose blocks all have
+one width (``width_growth`` 1, no normalization) and, for a CNN, where no block after the first
+pools (the 8x8 digits pool once; 28x28 and 32x32 images pool again, so their CNNs keep their
+depths): its bucket has the space's largest depth, and a block beyond an instance's depth is
+masked to zero whole, which ``gates`` reads back from the mask (a block is in the instance iff
+its first bias unit is real). The model runs such a block under ``lax.cond`` on its gate
+(``models.Model.embed``): a skipped block passes its input on unchanged, and its parameters get
+a zero gradient. Every block after the first maps the bucket's width to itself at one
+resolution, so the embedding reads the last real block's output, whatever the depth. A program
+of one instance (every CPU run of one device, README "Population rounds") then spends no compute
+on a skipped block; a ``vmap``ped group computes both branches of the ``cond`` and selects, so
+there a shallow instance costs what the bucket's deepest does.
 
 ``unpad`` cuts a trained padded instance back to its own architecture; that is what is saved,
 embedded and exported.
@@ -52,6 +56,10 @@ from jaxes import models
 # with width squared (benchmarks/README.md), so its blocks keep their own width; its embedding
 # layer (a dense layer) still pads.
 DEFAULT_PAD_BACKBONES = ("mlp",)
+# Which backbones pad their depth by default (where their blocks allow, ``skips_blocks``): a
+# skipped block costs nothing in a program of one instance, and one program per width instead
+# of one per (depth, width) saves a compile per depth (README "Population rounds").
+DEFAULT_DEPTH_BACKBONES = ("mlp", "cnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,13 +101,19 @@ def _widths(arch: models.Arch, depth: int | None) -> np.ndarray:
 jax.tree_util.register_dataclass(RealSizes, data_fields=["widths", "embed_dim"], meta_fields=[])
 
 
+def _ints(space: Mapping[str, Sequence], field: str) -> list[int]:
+    return [v for v in space.get(field, ()) if isinstance(v, int) and not isinstance(v, bool)]
+
+
 def bucket(
     arch: models.Arch,
     space: Mapping[str, Sequence],
     pad_backbones: Sequence[str] = DEFAULT_PAD_BACKBONES,
+    depth_backbones: Sequence[str] = (),
+    input_shape: Sequence[int] | None = None,
 ) -> models.Arch:
-    """The bucket of ``arch``: its width, embedding size and (``depth_pads``) depth raised to
-    the largest in ``space``.
+    """The bucket of ``arch``: its width, embedding size and depth raised to the largest in
+    ``space`` (the width for ``pad_backbones``, the depth where ``skips_blocks``).
 
     Every other field (growth, norm, residual, ...) stays: it shapes the program.
 
@@ -108,37 +122,56 @@ def bucket(
       space: the search space (field -> values); a field it does not list keeps its value.
       pad_backbones: the backbones whose block widths pad; every backbone pads ``embed_dim``.
         A normalized architecture never pads its block widths (module docstring).
+      depth_backbones: the backbones whose depth pads (``skips_blocks``).
+      input_shape: the images' (height, width, channels): where a CNN pools.
     """
 
     def top(field, value):
-        values = [v for v in space.get(field, ()) if isinstance(v, int) and not isinstance(v, bool)]
-        return max([value, *values])
+        return max([value, *_ints(space, field)])
 
     pads = arch.backbone in pad_backbones and arch.norm == "none"
     width = top("width", arch.width) if pads else arch.width
-    depth = top("depth", arch.depth) if pads and depth_pads(arch) else arch.depth
+    skips = skips_blocks(arch, space, depth_backbones, input_shape)
+    depth = top("depth", arch.depth) if skips else arch.depth
     return dataclasses.replace(
         arch, depth=depth, width=width, embed_dim=top("embed_dim", arch.embed_dim)
     )
 
 
-def depth_pads(arch: models.Arch) -> bool:
-    """Whether instances of shallower depths can share ``arch``'s program (module docstring):
-    a built-in MLP without normalization whose blocks all have one width."""
-    return arch.backbone == "mlp" and arch.norm == "none" and arch.width_growth == 1.0
+def skips_blocks(
+    arch: models.Arch,
+    space: Mapping[str, Sequence],
+    depth_backbones: Sequence[str],
+    input_shape: Sequence[int] | None,
+) -> bool:
+    """Whether ``arch``'s bucket has the space's largest depth and skips the blocks beyond an
+    instance's own (module docstring): ``arch`` is a backbone of ``depth_backbones`` whose
+    blocks all have one width and no normalization, the space lists a depth below the largest,
+    and (a CNN) no block after the first pools at the largest depth. True for the bucket too."""
+    if arch.backbone not in depth_backbones or arch.backbone not in models.BACKBONES:
+        return False
+    if arch.norm != "none" or arch.width_growth != 1.0:
+        return False
+    depths = {arch.depth, *_ints(space, "depth")}
+    if len(depths) == 1:
+        return False  # one depth: nothing would share the program
+    if arch.backbone == "cnn":
+        if input_shape is None or arch.downsample == "alternate":
+            return False  # "alternate" pools by the distance to the last block
+        deepest = dataclasses.replace(arch, depth=max(depths))
+        return not any(models.pool_schedule(deepest, input_shape)[1:])
+    return True
 
 
-def gates(mask, bucket_arch: models.Arch) -> tuple | None:
-    """Per block of a depth-padded bucket, whether it is in the instance (a traced bool read off
-    the block's mask); None for a bucket whose depth does not pad or that has one block."""
-    if not (depth_pads(bucket_arch) and bucket_arch.depth > 1):
-        return None
+def gates(mask) -> tuple:
+    """Per block of a depth-padded bucket's instance, whether the block is in the instance: a
+    traced bool read off its mask (the first unit of its layer's bias)."""
     found = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]:
         names = _names(path)
         if names[0] == "blocks" and names[2:] == ["layer", "bias"]:
             found[names[1]] = leaf[0] > 0
-    return tuple(found[i] for i in range(bucket_arch.depth))
+    return tuple(found[i] for i in range(len(found)))
 
 
 def _names(path: tuple) -> list:
@@ -183,13 +216,14 @@ def _axis_mask(kind, length: int, channels: int, sizes: RealSizes) -> jax.Array:
     index = jnp.arange(length)
     if kind is None:
         return jnp.ones((length,), bool)
+    # The last real block's width: a depth-padded bucket's blocks after it have width 0.
+    last = jnp.take(sizes.widths, jnp.sum(sizes.widths > 0) - 1)
     if kind == "flat_width":
-        return index % channels < sizes.widths[-1]
+        return index % channels < last
     if kind == "embed":
         return index < sizes.embed_dim
     if kind == "last_width":
-        real_depth = jnp.sum(sizes.widths > 0)
-        return index < jnp.take(sizes.widths, real_depth - 1)
+        return index < last
     return index < sizes.widths[kind[1]]
 
 

@@ -94,11 +94,11 @@ def _evaluate(graphdef, spec, eval_batch, params, rest, images, labels, mask, ga
     return loss / jnp.sum(mask), hits
 
 
-def _train_one(graphdef, st: Static, batch_spec, report, bucket_arch, lane):
+def _train_one(graphdef, st: Static, batch_spec, report, gated, lane):
     """The to-convergence function of one instance (vmapped by ``program``)."""
     h = st.hparams
     params, rest, mask, hyper, raw_keys, active, index = lane
-    gates = None if bucket_arch is None else padding.gates(mask, bucket_arch)
+    gates = padding.gates(mask) if gated else None
     data_key, dropout_key = (jax.random.wrap_key_data(raw_keys[i]) for i in range(2))
 
     def run(images, labels, val_images, val_labels, val_mask):
@@ -163,7 +163,7 @@ def _train_one(graphdef, st: Static, batch_spec, report, bucket_arch, lane):
 
 
 def program(
-    graphdef, st: Static, mesh, report: Callable | None = None, bucket_arch=None
+    graphdef, st: Static, mesh, report: Callable | None = None, gated: bool = False
 ) -> Callable[..., dict]:
     """The jitted population program of one bucket graph.
 
@@ -173,8 +173,8 @@ def program(
       mesh: the ``("rounds", "data")`` mesh; the population size must divide over ``rounds``.
       report: called as ``report(instance_index, epoch, val_loss, live)`` after every epoch
         (host side; numpy values, batched or not); ``live`` is False for a frozen instance.
-      bucket_arch: the bucket's ``Arch`` (a built-in one); where its depth pads, each instance
-        skips the blocks beyond its own depth (``padding.gates``). None: no block is skipped.
+      gated: the bucket's depth pads (``padding.skips_blocks``): each instance skips the
+        blocks beyond its own depth (``padding.gates``).
 
     Returns:
       ``fn(lanes, images, labels, val_images, val_labels, val_mask) -> outputs`` where ``lanes``
@@ -189,7 +189,7 @@ def program(
     # Named for XLA's compile logs and jax.monitoring: "jit(round_program)".
     def round_program(lanes, images, labels, val_images, val_labels, val_mask):
         def one(lane):
-            return _train_one(graphdef, st, batch_spec, report, bucket_arch, lane)(
+            return _train_one(graphdef, st, batch_spec, report, gated, lane)(
                 images, labels, val_images, val_labels, val_mask
             )
 

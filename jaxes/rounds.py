@@ -268,6 +268,7 @@ def _run(config, workdir, data, mesh, strategy, run_guard, *, stream, live) -> d
         mesh=mesh,
         space=strategy.space,
         pad_backbones=tuple(config.parallel.pad_backbones),
+        depth_backbones=tuple(config.parallel.pad_depth_backbones),
         # Per-epoch progress is a host callback inside the programs, and a callback keys the
         # persistent compilation cache by process: off by default, so reruns compile nothing.
         on_epoch=(lambda job, epoch, loss: progress.epoch(epoch, loss))

@@ -234,9 +234,10 @@ def check_config(config) -> None:
            t.epoch_progress)  # fmt: skip
     k = config.parallel.rounds
     _check(_is_int(k) and k >= 1, "parallel.rounds", "an int >= 1", k)
-    pad = tuple(config.parallel.pad_backbones)
-    _check(set(pad) <= set(models.BACKBONES), "parallel.pad_backbones",
-           f"a subset of {models.BACKBONES}", pad)  # fmt: skip
+    for field in ("pad_backbones", "pad_depth_backbones"):
+        pad = tuple(config.parallel[field])
+        _check(set(pad) <= set(models.BACKBONES), f"parallel.{field}",
+               f"a subset of {models.BACKBONES}", pad)  # fmt: skip
     make_tolerance(config, keys.root(config.seed))
     make_strategy(config)
 

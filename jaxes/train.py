@@ -48,16 +48,20 @@ DRIVER_TABLE = {
 DEFAULT_DRIVER = "scan"
 
 
-def _programs_of(bucket: models.Arch, st, mesh, shape: tuple, num_classes: int, report=None):
-    """A bucket's ``(graphdef, init, run)``; ``run`` calls ``report`` after every epoch."""
+def _programs_of(
+    bucket: models.Arch, st, mesh, shape: tuple, num_classes: int, gated: bool, report=None
+):
+    """A bucket's ``(graphdef, init, run)``; ``run`` calls ``report`` after every epoch and,
+    if ``gated``, skips each instance's blocks beyond its depth (``padding.skips_blocks``)."""
     graphdef = steps.graph_of(bucket, shape, num_classes)
     init = population.init_program(bucket, shape, num_classes, mesh)
-    bucket_arch = bucket if bucket.builtin else None
-    return graphdef, init, population.program(graphdef, st, mesh, report, bucket_arch)
+    return graphdef, init, population.program(graphdef, st, mesh, report, gated)
 
 
 @functools.lru_cache(maxsize=32)
-def _shared_programs(bucket: models.Arch, st, mesh, shape: tuple, num_classes: int, model_key):
+def _shared_programs(
+    bucket: models.Arch, st, mesh, shape: tuple, num_classes: int, gated: bool, model_key
+):
     """``_programs_of`` a bucket with no epoch listener, shared by every ``Engine`` of the
     process: another run of the same buckets (a study, a notebook, the tests) neither traces nor
     lowers them again, which is ~1.5 s of a short run. At most 32 buckets stay alive, least
@@ -66,7 +70,7 @@ def _shared_programs(bucket: models.Arch, st, mesh, shape: tuple, num_classes: i
     key: a model registered again gets new programs. A program with a listener calls back into
     its own engine and is never shared."""
     del model_key
-    return _programs_of(bucket, st, mesh, shape, num_classes)
+    return _programs_of(bucket, st, mesh, shape, num_classes, gated)
 
 
 def _model_key(bucket: models.Arch):
@@ -149,6 +153,8 @@ class Engine:
       mesh: the ``("rounds", "data")`` mesh (default: every device, rounds axis 1).
       space: the search space (its largest sizes define the buckets); default: no padding.
       pad_backbones: the backbones whose widths pad (``padding.DEFAULT_PAD_BACKBONES``).
+      depth_backbones: the backbones whose depth pads where their blocks allow
+        (``padding.skips_blocks``; ``padding.DEFAULT_DEPTH_BACKBONES``).
       on_epoch: ``on_epoch(job_index, epoch, val_loss)`` during training (host side).
       host_threads: host threads per generation (default: ``_threads`` decides); 1 keeps
         vmapped groups on a single-device CPU run too.
@@ -162,6 +168,7 @@ class Engine:
         mesh=None,
         space: Mapping[str, Sequence] | None = None,
         pad_backbones: Sequence[str] = padding.DEFAULT_PAD_BACKBONES,
+        depth_backbones: Sequence[str] = padding.DEFAULT_DEPTH_BACKBONES,
         on_epoch: Callable[[int, int, float], None] | None = None,
         host_threads: int | None = None,
     ):
@@ -173,6 +180,7 @@ class Engine:
         self.steps_per_epoch = len(data.train.labels) // config.batch_size
         self.space = dict(space or {})
         self.pad_backbones = tuple(pad_backbones)
+        self.depth_backbones = tuple(depth_backbones)
         self.on_epoch = on_epoch
         if host_threads is not None and host_threads < 1:
             raise ValueError(f"host_threads must be at least 1, got {host_threads}.")
@@ -194,7 +202,9 @@ class Engine:
         # A registered backbone is the user's own module: padding rules know only the built-ins.
         if not arch.builtin:
             return arch
-        return padding.bucket(arch, self.space, self.pad_backbones)
+        return padding.bucket(
+            arch, self.space, self.pad_backbones, self.depth_backbones, self.data.spec.shape
+        )
 
     def train(self, jobs: Sequence[Job]) -> list[RoundResult]:
         """Trains every job to convergence; results in the order of ``jobs``."""
@@ -309,7 +319,10 @@ class Engine:
             spec = self.data.spec
             # No callback without a listener: a host callback keeps a program out of the
             # persistent compilation cache, so a rerun would compile it again.
-            args = (bucket, st, self.mesh, tuple(spec.shape), spec.num_classes)
+            gated = bucket.builtin and padding.skips_blocks(
+                bucket, self.space, self.depth_backbones, spec.shape
+            )
+            args = (bucket, st, self.mesh, tuple(spec.shape), spec.num_classes, gated)
             model_key = _model_key(bucket)
             if self.on_epoch is None and model_key is not False:
                 self.programs[key] = _shared_programs(*args, model_key)
