@@ -260,13 +260,15 @@ def _mlp_generation(archs, seed: int):
 
 
 def test_a_population_equals_its_members_trained_alone(digits):
-    """Each instance of a vmapped group converges on its own: as if trained alone."""
+    """Each instance of a vmapped group converges on its own: as if trained alone, where a
+    vmapped cond computes a skipped block and selects its input, and a lone one skips it."""
     archs = [
         models.Arch("mlp", 1, 16, 8),
-        models.Arch("mlp", 1, 32, 16),
+        models.Arch("mlp", 2, 32, 16),
         models.Arch("mlp", 1, 32, 8),
     ]
     config, space, jobs = _mlp_generation(archs, 10)
+    space["depth"] = (1, 2)  # one bucket of depth 2
     jobs = [
         dataclasses.replace(j, learning_rate=lr)
         for j, lr in zip(jobs, (1e-3, 3e-3, 1e-2), strict=True)
