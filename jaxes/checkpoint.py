@@ -28,9 +28,12 @@ next writer starts.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import multihost
 
 from jaxes import pytree
-from jaxes.files import RESUME_STATE, atomic_write_text
+from jaxes.files import RESUME_STATE, atomic_write_text, is_disk_full
 
 _STATE_FILE = RESUME_STATE
 # Orbax's marker for an unfinalized step directory (atomicity_types.TMP_DIR_SUFFIX).
@@ -48,6 +51,47 @@ _TMP_MARKER = ".orbax-checkpoint-tmp"
 
 class CheckpointError(ValueError):
     """A checkpoint that the caller needs is missing or unreadable."""
+
+
+@contextlib.contextmanager
+def _held_thread_reports():
+    """Holds what Orbax's worker threads report while a save runs, and drops it if the save
+    fails because the disk is full.
+
+    On a full disk every one of Orbax's writer threads logs its own error with a traceback
+    (absl), and TensorStore's callbacks raise into the event loops Orbax has closed by then
+    (printed through ``sys.excepthook`` or ``sys.unraisablehook``); the run then reports the full
+    disk in one sentence (``guard.DiskFull``). Any other failure, or a save that succeeds, gets
+    every held report back, in order.
+    """
+    logger = logging.getLogger("absl")  # Orbax logs through absl.logging
+    logs, calls = [], []
+
+    def hold_log(record):
+        logs.append(record)
+        return False
+
+    hooks = {"excepthook": sys.excepthook, "unraisablehook": sys.unraisablehook}
+
+    def holder(name):
+        return lambda *args: calls.append((name, args))
+
+    logger.addFilter(hold_log)
+    sys.excepthook, sys.unraisablehook = holder("excepthook"), holder("unraisablehook")
+    full = False
+    try:
+        yield
+    except BaseException as error:
+        full = is_disk_full(error)
+        raise
+    finally:
+        logger.removeFilter(hold_log)
+        sys.excepthook, sys.unraisablehook = hooks["excepthook"], hooks["unraisablehook"]
+        if not full:
+            for record in logs:
+                logger.handle(record)
+            for name, args in calls:
+                hooks[name](*args)
 
 
 class Checkpointer:
@@ -174,16 +218,17 @@ class Checkpointer:
             raise ValueError(f"meta must be JSON-serializable: {error}.") from error
         self.discard_after(round_index - 1)
         manager = self._manager(write=True)
-        saved = manager.save(
-            round_index,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                meta=ocp.args.JsonSave(meta),
-                tree=ocp.args.JsonSave(structure),
-            ),
-            force=True,
-        )
-        manager.wait_until_finished()
+        with _held_thread_reports():
+            saved = manager.save(
+                round_index,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(params),
+                    meta=ocp.args.JsonSave(meta),
+                    tree=ocp.args.JsonSave(structure),
+                ),
+                force=True,
+            )
+            manager.wait_until_finished()
         if not saved:
             raise RuntimeError(f"Orbax declined to save step {round_index} in {self.directory}.")
         self._pending_round = round_index

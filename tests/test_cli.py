@@ -380,6 +380,36 @@ def test_a_full_disk_ends_with_one_sentence_and_loses_nothing(
         assert_same_run(smoke_run, path)
 
 
+def test_a_real_process_on_a_full_disk_prints_only_its_progress_and_one_sentence(
+    tmp_path, digits_data_dir
+):
+    """Orbax's writer threads log their own tracebacks on a full disk, and TensorStore's callbacks
+    raise into closed event loops; the user sees none of it, only the run's own lines."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    cmd = ["mount", "-t", "tmpfs", "-o", "size=150k", "tmpfs", str(mount)]
+    if subprocess.run(cmd, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "jaxes.main", *smoke(mount / "run", digits_data_dir)],
+            capture_output=True, text=True, timeout=600, cwd=ROOT,
+        )  # fmt: skip
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert re.fullmatch(
+        r"jaxes: no space left on the device of .* while saving round \d+; "
+        r"free space and run the same command to resume\.",
+        lines[-1],
+    ), lines
+    # Everything before it is the live progress of the rounds.
+    assert all(re.match(r"(starting round|round \d+ )", line) for line in lines[:-1]), lines
+
+
 def test_guard_turns_a_wrapped_enospc_into_disk_full(tmp_path):
     with pytest.raises(guard.DiskFull, match="while saving round 3;"), guard.Guard(tmp_path, 3):
         raise RuntimeError("save failed") from OSError(errno.ENOSPC, "No space left on device")
