@@ -69,6 +69,8 @@ def one_run(args) -> None:
     config.tolerance.patience = args.rounds
     config.tolerance.extend = False
     config.parallel.rounds = args.population
+    if args.pad_depth is not None:
+        config.parallel.pad_depth_backbones = tuple(b for b in args.pad_depth.split(",") if b)
     config.knn = False
     with tempfile.TemporaryDirectory() as path, open(os.devnull, "w") as devnull:
         start = time.monotonic()
@@ -97,6 +99,11 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--population", type=int, default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--pad_depth",
+        default=None,
+        help="config.parallel.pad_depth_backbones, comma-separated ('' for none)",
+    )
     parser.add_argument("--one_thread", action="store_true",
                         help="also run each K > 1 with the groups on one host thread")  # fmt: skip
     args = parser.parse_args()
@@ -120,6 +127,8 @@ def main() -> None:
                 out = Path(tmp) / f"{k}_{mode}_{one_thread}.json"
                 cmd = [sys.executable, __file__, f"--population={k}", f"--rounds={args.rounds}",
                        f"--out={out}"] + (["--one_thread"] if one_thread else [])  # fmt: skip
+                if args.pad_depth is not None:
+                    cmd.append(f"--pad_depth={args.pad_depth}")
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
                 if proc.returncode:
                     raise SystemExit(proc.stderr[-4000:])

@@ -350,7 +350,7 @@ def test_kept_instance_of_a_deeper_bucket_matches_its_training(digits, arch, buc
     config = _train_config()
     config.max_epochs = 4
     space = {"depth": (1, 3), "width": (16, 64), "embed_dim": (8, 32)}
-    engine = train.Engine(digits, config, space=space)
+    engine = train.Engine(digits, config, space=space, depth_backbones=("mlp", "cnn"))
     result = engine.train([train.Job(arch, jax.random.key(2), 1e-3, 0)])[0]
     assert result.bucket == bucket
     assert sorted(nnx.to_pure_dict(result.state)["blocks"]) == [0]
