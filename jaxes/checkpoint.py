@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +61,10 @@ def _held_thread_reports():
 
     On a full disk every one of Orbax's writer threads logs its own error with a traceback
     (absl), and TensorStore's callbacks raise into the event loops Orbax has closed by then
-    (printed through ``sys.excepthook`` or ``sys.unraisablehook``); the run then reports the full
-    disk in one sentence (``guard.DiskFull``). Any other failure, or a save that succeeds, gets
-    every held report back, in order.
+    (printed through ``sys.excepthook``, ``sys.unraisablehook`` or ``threading.excepthook``);
+    the run then reports the full disk in one sentence (``guard.DiskFull``). Any other failure,
+    or a save that succeeds, gets every held report back: the logs, then the hook calls, each
+    in order. The hooks are the process's, so saves that hold them take turns (a lock).
     """
     logger = logging.getLogger("absl")  # Orbax logs through absl.logging
     logs, calls = [], []
@@ -71,27 +73,37 @@ def _held_thread_reports():
         logs.append(record)
         return False
 
-    hooks = {"excepthook": sys.excepthook, "unraisablehook": sys.unraisablehook}
-
     def holder(name):
         return lambda *args: calls.append((name, args))
 
-    logger.addFilter(hold_log)
-    sys.excepthook, sys.unraisablehook = holder("excepthook"), holder("unraisablehook")
-    full = False
-    try:
-        yield
-    except BaseException as error:
-        full = is_disk_full(error)
-        raise
-    finally:
-        logger.removeFilter(hold_log)
-        sys.excepthook, sys.unraisablehook = hooks["excepthook"], hooks["unraisablehook"]
-        if not full:
-            for record in logs:
-                logger.handle(record)
-            for name, args in calls:
-                hooks[name](*args)
+    with _HOLDING:
+        hooks = {
+            "sys.excepthook": (sys, "excepthook"),
+            "sys.unraisablehook": (sys, "unraisablehook"),
+            "threading.excepthook": (threading, "excepthook"),
+        }
+        saved = {name: getattr(owner, attr) for name, (owner, attr) in hooks.items()}
+        logger.addFilter(hold_log)
+        for name, (owner, attr) in hooks.items():
+            setattr(owner, attr, holder(name))
+        full = False
+        try:
+            yield
+        except BaseException as error:
+            full = is_disk_full(error)
+            raise
+        finally:
+            logger.removeFilter(hold_log)
+            for name, (owner, attr) in hooks.items():
+                setattr(owner, attr, saved[name])
+            if not full:
+                for record in logs:
+                    logger.handle(record)
+                for name, args in calls:
+                    saved[name](*args)
+
+
+_HOLDING = threading.Lock()
 
 
 class Checkpointer:

@@ -1,4 +1,4 @@
-"""Size buckets: architectures that differ only in widths share one compiled program.
+"""Size buckets: architectures that differ only in widths (and depth) share one program.
 
 See docs/design.md §6b.
 
@@ -25,17 +25,17 @@ real units start from exactly the distribution of the unpadded init.
 
 *Depth* pads too (``skips_blocks``), for a backbone in ``depth_backbones`` whose blocks all have
 one width (``width_growth`` 1, no normalization) and, for a CNN, where no block after the first
-pools (the 8x8 digits pool once; 28x28 and 32x32 images pool again, so their CNNs keep their
-depths): its bucket has the space's largest depth, and a block beyond an instance's depth is
-masked to zero whole, which ``gates`` reads back from the mask (a block is in the instance iff
-its first bias unit is real). The model runs such a block under ``lax.cond`` on its gate
-(``models.Model.embed``): a skipped block passes its input on unchanged, and its parameters get
-a zero gradient. Every block after the first maps the bucket's width to itself at one
-resolution, so the embedding reads the last real block's output, whatever the depth. A program
-of one instance (every CPU run of one device, README "Population rounds") then spends no compute
-on a skipped block's forward and backward pass (its parameters still get their optimizer step,
-on zeros); a ``vmap``ped group computes both branches of the ``cond`` and selects, so there a
-shallow instance costs what the bucket's deepest does.
+pools (the 8x8 digits pool once; by the default schedule, 28x28 and 32x32 images pool again, so
+their CNNs keep their depths): its bucket has the space's largest depth, and a block beyond an
+instance's depth is masked to zero whole, which ``gates`` reads back from the mask (a block is in
+the instance iff its first bias unit is real). The model runs such a block under ``lax.cond`` on
+its gate (``models.Model.embed``): a skipped block passes its input on unchanged, and its
+parameters get a zero gradient. Every block after the first maps the bucket's width to itself at
+one resolution, so the embedding reads the last real block's output, whatever the depth. A
+program of one instance (every CPU run of one device, README "Population rounds") then spends no
+compute on a skipped block's forward and backward pass (its parameters still get their optimizer
+step, on zeros); a ``vmap``ped group computes both branches of the ``cond`` and selects, so there
+a shallow instance costs what the bucket's deepest does.
 
 ``unpad`` cuts a trained padded instance back to its own architecture; that is what is saved,
 embedded and exported.
@@ -59,10 +59,11 @@ from jaxes import models
 DEFAULT_PAD_BACKBONES = ("mlp",)
 # Which backbones pad their depth by default (where their blocks allow, ``skips_blocks``). An
 # MLP's skipped block costs nothing measurable (an MLP of one 128-wide block: 2.3 ms per digits
-# epoch in a bucket of two, 2.4 ms in its own), so all of a space's MLPs share one program. A
-# CNN's costs a lot: on a 2-core CPU a CNN of one 128-wide block trained in a bucket of two at
-# 0.086 s per epoch, against 0.042 s in its own, so a search saves compiles and pays about as
-# much in training (README "Population rounds"); ("mlp", "cnn") is for searches of short rounds.
+# epoch in a bucket of two, 2.4 ms in its own), so a space's MLPs that differ only in sizes share
+# one program. A CNN's costs a lot: on a 2-core CPU a CNN of one 128-wide block trained in a
+# bucket of two at 0.086 s per epoch, against 0.042 s in its own, so a search saves compiles and
+# pays about as much in training (README "Population rounds"); ("mlp", "cnn") is for searches
+# of short rounds.
 DEFAULT_DEPTH_BACKBONES = ("mlp",)
 
 

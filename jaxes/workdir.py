@@ -39,6 +39,23 @@ def _flat(tree, prefix: str = "") -> dict:
     return flat
 
 
+# Config fields added after runs were saved, with the value that reproduces those runs: a
+# config.json without one holds that value (so an old run resumes with it, and only with it).
+ADDED_FIELDS = {"parallel.pad_depth_backbones": []}  # 2026-12-02: depth buckets
+
+
+def with_added_fields(saved: dict) -> dict:
+    """``saved`` (a config.json dict) with every ``ADDED_FIELDS`` entry it lacks filled in."""
+    saved = json.loads(json.dumps(saved))
+    for name, value in ADDED_FIELDS.items():
+        *parents, leaf = name.split(".")
+        node = saved
+        for key in parents:
+            node = node.setdefault(key, {})
+        node.setdefault(leaf, value)
+    return saved
+
+
 def first_difference(ours: dict, theirs: dict) -> tuple[str, object, object] | None:
     """The first field (in sorted dotted order) where two config dicts differ, with both values.
 
@@ -68,7 +85,7 @@ def check(workdir: str | os.PathLike, config) -> bool:
     if not path.exists():
         return False
     ours = json.loads(config_json(config))
-    theirs = read_config(workdir)
+    theirs = with_added_fields(read_config(workdir))
     difference = first_difference(ours, theirs)
     if difference is not None:
         name, mine, saved = difference

@@ -152,6 +152,8 @@ def test_padded_instance_computes_its_own_architecture(arch, bucket):
             gates = None if mask is None else padding.gates(mask)
             return steps.logits_of(m, x, gates=gates), m.embed(x, gates=gates)
 
+        if mask is not None:  # the skipped blocks are branches, not computed and selected
+            assert "cond[" in str(jax.make_jaxpr(lambda x: run(model, x, mask))(images))
         return nnx.jit(run)(model, images, mask)
 
     def rates(depth):
@@ -238,6 +240,29 @@ def test_depth_pads_where_every_block_has_one_width_and_no_later_block_pools():
         assert [bool(g) for g in gates] == [i < depth for i in range(3)]
     with pytest.raises(ValueError, match="depth 1 cannot hold mlp-2x32-e8"):
         padding.RealSizes.one(models.Arch("mlp", 2, 32, 8), 1)
+
+
+def test_padded_init_matches_the_unpadded_init_distribution():
+    # Real units of a padded hidden kernel (fan-in 24 of 256) against the model's own init.
+    arch, bucket = models.Arch("mlp", 2, 24, 8), models.Arch("mlp", 2, 256, 64)
+    stds, own_stds = [], []
+    for seed in range(20):
+        _, own, _ = _padded_and_own(arch, bucket, (8, 8, 1), jax.random.key(seed))
+        stds.append(np.std(own["blocks"][1]["layer"]["kernel"]))
+        reference = models.build(arch, (8, 8, 1), 10, jax.random.key(100 + seed), -1.0)
+        own_stds.append(np.std(np.asarray(reference.blocks[1].layer.kernel[...])))
+    # lecun_normal: std 1/sqrt(fan_in) = 0.204 for fan-in 24; the two agree to sampling error.
+    assert np.mean(stds) == pytest.approx(1 / math.sqrt(24), rel=0.05)
+    assert np.mean(stds) == pytest.approx(np.mean(own_stds), rel=0.05)
+    # In a bucket of three blocks, the embedding of a one-block instance reads its one real
+    # block: its kernel is drawn on that block's width (24), not on the bucket's.
+    embedding_stds = []
+    for seed in range(20):
+        arch, deep = models.Arch("mlp", 1, 24, 8), models.Arch("mlp", 3, 256, 64)
+        _, own, _ = _padded_and_own(arch, deep, (8, 8, 1), jax.random.key(200 + seed))
+        assert own["embedding"]["kernel"].shape == (24, 8)
+        embedding_stds.append(np.std(own["embedding"]["kernel"]))
+    assert np.mean(embedding_stds) == pytest.approx(1 / math.sqrt(24), rel=0.05)
 
 
 def test_group_sizes_are_powers_of_two_dividing_the_rounds_axis():

@@ -149,6 +149,24 @@ def test_resume_after_sigkill_mid_round(reference, tmp_path, digits_data_dir, as
     assert_same_run(reference, tmp_path)
 
 
+def test_a_run_saved_before_depth_buckets_resumes_only_without_them(reference, tmp_path):
+    """A config.json written before ``parallel.pad_depth_backbones`` existed holds ``()``, the
+    engine those runs trained with: resuming it asks for that value, by name."""
+    current = workdir.read_config(reference)
+    assert current["parallel"]["pad_depth_backbones"] == ["mlp"]
+    saved = json.loads(json.dumps(current))
+    del saved["parallel"]["pad_depth_backbones"]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / workdir.CONFIG).write_text(json.dumps(saved))
+    with pytest.raises(
+        workdir.WorkdirError, match=r"pad_depth_backbones is \['mlp'\] now but \[\]"
+    ):
+        workdir.check(old, current)
+    current["parallel"]["pad_depth_backbones"] = []
+    assert workdir.check(old, current)
+
+
 def test_rounds_jsonl_replays_the_stop(reference):
     summary = workdir.read_summary(reference)
     config = json.loads((reference / "config.json").read_text())
