@@ -60,10 +60,10 @@ DEFAULT_PAD_BACKBONES = ("mlp",)
 # Which backbones pad their depth by default (where their blocks allow, ``skips_blocks``). An
 # MLP's skipped block costs nothing measurable (an MLP of one 128-wide block: 2.3 ms per digits
 # epoch in a bucket of two, 2.4 ms in its own), so a space's MLPs that differ only in sizes share
-# one program. A CNN's costs a lot: on a 2-core CPU a CNN of one 128-wide block trained in a
-# bucket of two at 0.086 s per epoch, against 0.042 s in its own, so a search saves compiles and
-# pays about as much in training (README "Population rounds"); ("mlp", "cnn") is for searches
-# of short rounds.
+# one program. A CNN's is not free: on a 2-core CPU a CNN of one 128-wide block trained in a
+# bucket of two at 0.049-0.064 s per epoch, against 0.041-0.042 s in its own, so a search saves
+# compiles and pays some of it back in training (README "Population rounds"); ("mlp", "cnn")
+# turns it on.
 DEFAULT_DEPTH_BACKBONES = ("mlp",)
 
 
