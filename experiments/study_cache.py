@@ -22,7 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
-from jaxes import files  # standard library only: no JAX at import
+from jaxes import files, workdir  # standard library only: no JAX at import
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_VERSION = 1
@@ -75,14 +75,12 @@ def study_config(strategy: str, seed: int, horizon: int, *, smoke: bool, data_di
 
 def fingerprint(config) -> str:
     """A hash of what determines a sequence (not the stopping fields, not the data dir)."""
-    d = json.loads(config.to_json())
+    # Fields added later, at the value every cached sequence ran with, hash as if absent.
+    d = workdir.without_added_fields(json.loads(config.to_json()))
     fields = ("seed", "dataset", "metric", "mode", "rounds", "search", "train", "parallel")
     keep = {k: d[k] for k in fields}
     if keep["search"]["strategy"] != "tpe":  # tpe's settings shape only tpe's sequences
         keep["search"] = {k: v for k, v in keep["search"].items() if k != "tpe"}
-    if not keep["parallel"].get("pad_depth_backbones", ()):
-        # No depth padding is how every sequence ran before the field existed: the same hash.
-        keep["parallel"] = {k: v for k, v in keep["parallel"].items() if k != "pad_depth_backbones"}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -54,6 +54,10 @@ class CheckpointError(ValueError):
     """A checkpoint that the caller needs is missing or unreadable."""
 
 
+# The hooks that _held_thread_reports swaps are the process's: saves that hold them take turns.
+_HOLDING = threading.Lock()
+
+
 @contextlib.contextmanager
 def _held_thread_reports():
     """Holds what Orbax's worker threads report while a save runs, and drops it if the save
@@ -101,9 +105,6 @@ def _held_thread_reports():
                     logger.handle(record)
                 for name, args in calls:
                     saved[name](*args)
-
-
-_HOLDING = threading.Lock()
 
 
 class Checkpointer:

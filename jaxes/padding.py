@@ -189,7 +189,7 @@ def _names(path: tuple) -> list:
     return names
 
 
-def _axes(path: tuple, ndim: int, backbone: str, depth: int) -> tuple:
+def _axes(path: tuple, ndim: int, backbone: str) -> tuple:
     """What bounds each axis of the parameter at ``path``.
 
     ``None``: never padded; ``("width", i)``: the first ``widths[i]`` entries are real;
@@ -221,14 +221,12 @@ def _axis_mask(kind, length: int, channels: int, sizes: RealSizes) -> jax.Array:
     index = jnp.arange(length)
     if kind is None:
         return jnp.ones((length,), bool)
-    # The last real block's width: a depth-padded bucket's blocks after it have width 0.
-    last = jnp.take(sizes.widths, jnp.sum(sizes.widths > 0) - 1)
-    if kind == "flat_width":
-        return index % channels < last
     if kind == "embed":
         return index < sizes.embed_dim
-    if kind == "last_width":
-        return index < last
+    if kind in ("flat_width", "last_width"):
+        # The last real block's width: a depth-padded bucket's blocks after it have width 0.
+        last = jnp.take(sizes.widths, jnp.sum(sizes.widths > 0) - 1)
+        return (index % channels if kind == "flat_width" else index) < last
     return index < sizes.widths[kind[1]]
 
 
@@ -236,7 +234,7 @@ def masks(params, bucket_arch: models.Arch, sizes: RealSizes):
     """0/1 float masks shaped like ``params`` (one instance; traceable in ``sizes``)."""
 
     def mask(path, leaf):
-        axes = _axes(path, leaf.ndim, bucket_arch.backbone, bucket_arch.depth)
+        axes = _axes(path, leaf.ndim, bucket_arch.backbone)
         out = jnp.ones((), leaf.dtype)
         for axis, kind in enumerate(axes):
             if kind is None:
@@ -300,7 +298,7 @@ def unpad(pure: Mapping, bucket_arch: models.Arch, arch: models.Arch) -> dict:
         if path[0] not in ("blocks", "embedding", "head") or path[-1] == "log_rate":
             return leaf  # LogRate and other state: not padded
         keyed = [jax.tree_util.DictKey(p) for p in path]
-        axes = _axes(tuple(keyed), leaf.ndim, bucket_arch.backbone, bucket_arch.depth)
+        axes = _axes(tuple(keyed), leaf.ndim, bucket_arch.backbone)
         for axis, kind in enumerate(axes):
             if kind == "flat_width":
                 rows = leaf.shape[axis] // channels

@@ -319,9 +319,7 @@ class Engine:
             spec = self.data.spec
             # No callback without a listener: a host callback keeps a program out of the
             # persistent compilation cache, so a rerun would compile it again.
-            gated = bucket.builtin and padding.skips_blocks(
-                bucket, self.space, self.depth_backbones, spec.shape
-            )
+            gated = padding.skips_blocks(bucket, self.space, self.depth_backbones, spec.shape)
             args = (bucket, st, self.mesh, tuple(spec.shape), spec.num_classes, gated)
             model_key = _model_key(bucket)
             if self.on_epoch is None and model_key is not False:

@@ -44,16 +44,32 @@ def _flat(tree, prefix: str = "") -> dict:
 ADDED_FIELDS = {"parallel.pad_depth_backbones": []}  # 2026-12-02: depth buckets
 
 
+def _added_field_nodes(config: dict):
+    """``(parent dict, leaf name, old value)`` of each ``ADDED_FIELDS`` entry in ``config``."""
+    for name, value in ADDED_FIELDS.items():
+        *parents, leaf = name.split(".")
+        node = config
+        for key in parents:
+            node = node.setdefault(key, {})
+        yield node, leaf, value
+
+
 def with_added_fields(saved: dict) -> dict:
     """``saved`` (a config.json dict) with every ``ADDED_FIELDS`` entry it lacks filled in."""
     saved = json.loads(json.dumps(saved))
-    for name, value in ADDED_FIELDS.items():
-        *parents, leaf = name.split(".")
-        node = saved
-        for key in parents:
-            node = node.setdefault(key, {})
+    for node, leaf, value in _added_field_nodes(saved):
         node.setdefault(leaf, value)
     return saved
+
+
+def without_added_fields(config: dict) -> dict:
+    """``config`` (a config dict) without the ``ADDED_FIELDS`` entries that hold their old
+    value: what a config.json of a run that behaves the same looked like before they existed."""
+    config = json.loads(json.dumps(config))
+    for node, leaf, value in _added_field_nodes(config):
+        if node.get(leaf, value) == value:
+            node.pop(leaf, None)
+    return config
 
 
 def first_difference(ours: dict, theirs: dict) -> tuple[str, object, object] | None:
