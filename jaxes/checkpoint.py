@@ -56,6 +56,8 @@ class CheckpointError(ValueError):
 
 # The hooks that _held_thread_reports swaps are the process's: saves that hold them take turns.
 _HOLDING = threading.Lock()
+# Where Orbax's threads log (absl.logging) and where asyncio logs a task's unretrieved exception.
+_LOGGERS = ("absl", "asyncio")
 
 
 @contextlib.contextmanager
@@ -64,13 +66,15 @@ def _held_thread_reports():
     fails because the disk is full.
 
     On a full disk every one of Orbax's writer threads logs its own error with a traceback
-    (absl), and TensorStore's callbacks raise into the event loops Orbax has closed by then
-    (printed through ``sys.excepthook``, ``sys.unraisablehook`` or ``threading.excepthook``);
-    the run then reports the full disk in one sentence (``guard.DiskFull``). Any other failure,
-    or a save that succeeds, gets every held report back: the logs, then the hook calls, each
-    in order. The hooks are the process's, so saves that hold them take turns (a lock).
+    (absl; asyncio for a task whose exception nobody retrieved), and TensorStore's callbacks
+    raise into the event loops Orbax has closed by then (printed through ``sys.excepthook``,
+    ``sys.unraisablehook`` or ``threading.excepthook``); the run then reports the full disk in
+    one sentence (``guard.DiskFull``), and the reports of it that come later are dropped too
+    (``_drop_full_disk_reports``). Any other failure, or a save that succeeds, gets every held
+    report back: the logs, then the hook calls, each in order. The hooks are the process's, so
+    saves that hold them take turns (a lock).
     """
-    logger = logging.getLogger("absl")  # Orbax logs through absl.logging
+    loggers = [logging.getLogger(name) for name in _LOGGERS]
     logs, calls = [], []
 
     def hold_log(record):
@@ -87,7 +91,8 @@ def _held_thread_reports():
             "threading.excepthook": (threading, "excepthook"),
         }
         saved = {name: getattr(owner, attr) for name, (owner, attr) in hooks.items()}
-        logger.addFilter(hold_log)
+        for logger in loggers:
+            logger.addFilter(hold_log)
         for name, (owner, attr) in hooks.items():
             setattr(owner, attr, holder(name))
         full = False
@@ -97,14 +102,54 @@ def _held_thread_reports():
             full = is_disk_full(error)
             raise
         finally:
-            logger.removeFilter(hold_log)
-            for name, (owner, attr) in hooks.items():
-                setattr(owner, attr, saved[name])
+            # On a full disk the hooks go straight from holding to dropping its late reports.
+            if not (full and _drop_full_disk_reports(saved)):
+                for name, (owner, attr) in hooks.items():
+                    setattr(owner, attr, saved[name])
+            for logger in loggers:
+                logger.removeFilter(hold_log)
             if not full:
                 for record in logs:
-                    logger.handle(record)
+                    logging.getLogger(record.name).handle(record)
                 for name, args in calls:
                     saved[name](*args)
+
+
+def _about_the_full_disk(error) -> bool:
+    """Whether ``error`` reports the full disk, or a callback raising into a loop closed by it."""
+    closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+    return error is not None and (closed_loop or is_disk_full(error))
+
+
+def _record_about_the_full_disk(record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return _about_the_full_disk(error) or is_disk_full(RuntimeError(record.getMessage()))
+
+
+def _drop_full_disk_reports(hooks: dict) -> bool:
+    """From now on, drops the reports of the full disk that a save already failed on; returns
+    False if that is already so. ``hooks`` are the process's own hooks, by dotted name.
+
+    After ``_held_thread_reports`` gave the hooks back, Orbax's and asyncio's last reports of
+    that failure can still arrive: TensorStore callbacks firing into closed event loops, and a
+    task's unretrieved exception logged when it is collected. They say nothing the run's one
+    sentence does not. Every other report goes on as before.
+    """
+    global _DROPPING
+    if _DROPPING:
+        return False
+    _DROPPING = True
+    for name in _LOGGERS:
+        logging.getLogger(name).addFilter(lambda r: not _record_about_the_full_disk(r))
+    unraisable, excepthook = hooks["sys.unraisablehook"], hooks["sys.excepthook"]
+    thread_hook = hooks["threading.excepthook"]
+    sys.unraisablehook = lambda a: None if _about_the_full_disk(a.exc_value) else unraisable(a)
+    sys.excepthook = lambda t, v, tb: None if _about_the_full_disk(v) else excepthook(t, v, tb)
+    threading.excepthook = lambda a: None if _about_the_full_disk(a.exc_value) else thread_hook(a)
+    return True
+
+
+_DROPPING = False
 
 
 class Checkpointer:
