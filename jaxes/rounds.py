@@ -208,14 +208,19 @@ def _already_finished(workdir, out, stream) -> dict:
     return summary
 
 
-def _propose(strategy, strategy_state, root, first: int, size: int):
+def _propose(strategy, strategy_state, root, first: int, size: int, *, ahead: bool = False):
     """Up to ``size`` proposals for rounds ``first, first + 1, ...``; stops early if exhausted.
+
+    ``ahead``: proposals for a generation whose predecessor is still pending, only as far as the
+    strategy ``sees_ahead`` (exactly what it will propose then, whatever the pending outcomes).
 
     Returns:
       ``(proposals, strategy_state, exhausted)``, proposals as ``(round_index, choice, key)``.
     """
     proposals = []
     for t in range(first, first + size):
+        if ahead and not strategy.sees_ahead(strategy_state):
+            break
         round_key = keys.round_key(root, t)
         try:
             choice, strategy_state = strategy.propose(
@@ -225,6 +230,14 @@ def _propose(strategy, strategy_state, root, first: int, size: int):
             return proposals, strategy_state, True
         proposals.append((t, choice, round_key))
     return proposals, strategy_state, False
+
+
+def _jobs(proposals, train_config) -> list[train_lib.Job]:
+    jobs = []
+    for _, choice, round_key in proposals:
+        arch, learning_rate, weight_decay = split_choice(choice, train_config)
+        jobs.append(train_lib.Job(arch, round_key, learning_rate, weight_decay))
+    return jobs
 
 
 def _run(config, workdir, data, mesh, strategy, run_guard, *, stream, live) -> dict:
@@ -287,12 +300,15 @@ def _run(config, workdir, data, mesh, strategy, run_guard, *, stream, live) -> d
                 stop_reason = "search_exhausted"
                 break
             progress.start_round(first, tol.rounds, patience=tol.patience)
-            jobs = []
-            for _, choice, round_key in proposals:
-                arch, learning_rate, weight_decay = split_choice(choice, config.train)
-                jobs.append(train_lib.Job(arch, round_key, learning_rate, weight_decay))
+            # The next generation's programs compile while this one trains, where the strategy
+            # knows its proposals already (random and fixed search; evolution's first members).
+            nxt = first + len(proposals)
+            upcoming, _, _ = _propose(
+                strategy, strategy_state, root, nxt, min(population, tol.rounds - nxt), ahead=True
+            )
+            jobs, upcoming = _jobs(proposals, config.train), _jobs(upcoming, config.train)
             with progress.ticking():
-                results = engine.train(jobs)
+                results = engine.train(jobs, upcoming)
             seconds = (time.monotonic() - generation_start) / len(proposals)
             new_records, best_save = [], None
             for (t, choice, round_key), result in zip(proposals, results, strict=True):

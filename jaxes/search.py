@@ -139,6 +139,13 @@ class Strategy:
         self._observed(state, len(state["history"]) - 1)
         return state
 
+    def sees_ahead(self, state: dict) -> bool:
+        """Whether ``propose(state, key)`` proposes exactly what it will once the pending
+        proposals are observed, whatever their outcomes: then a run compiles the next
+        generation's programs while this one trains. False unless a strategy knows better."""
+        del state
+        return False
+
     def incumbent(self, state: dict) -> dict | None:
         """Returns the best record ever observed (earliest on ties); None if every round failed."""
         best = None
@@ -187,6 +194,9 @@ class Fixed(Strategy):
             arch = self.domain.default()
         self.arch = self._check_choice(arch, "fixed arch")
 
+    def sees_ahead(self, state: dict) -> bool:
+        return True
+
     def _propose(self, state: dict, key: jax.Array) -> tuple[dict, dict]:
         return dict(self.arch), {}
 
@@ -206,6 +216,9 @@ class Random(Strategy):
 
     def init(self) -> dict:
         return {**super().init(), "seen": []}
+
+    def sees_ahead(self, state: dict) -> bool:
+        return True  # proposals read only what earlier proposals saw, never an outcome
 
     def _propose(self, state: dict, key: jax.Array) -> tuple[dict, dict]:
         seen = set(state["seen"])
@@ -259,6 +272,12 @@ class Evolution(Strategy):
 
     def init(self) -> dict:
         return {**super().init(), "population": [], "last_tournament": None, "last_parent": None}
+
+    def sees_ahead(self, state: dict) -> bool:
+        # The first members are random draws that avoid the members and the pending proposals;
+        # a pending proposal, once observed, is a member, so the draw is the same until the
+        # population would be full.
+        return len(state["population"]) + len(state["pending"]) < self.population
 
     def members(self, state: dict) -> list[dict]:
         """Returns the history records of the current population, oldest first."""

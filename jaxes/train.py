@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import math
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -191,6 +192,8 @@ class Engine:
         self.compiles = 0
         self._fits = hostloop.fits_on_device(data.train, config.device_memory_fraction, self.mesh)
         self._device_data = None
+        # Program key -> a Future: compiling ahead (``prepare``), or done with.
+        self._ahead: dict[tuple, concurrent.futures.Future] = {}
 
     def driver(self, arch: models.Arch) -> str:
         """The epoch driver of ``arch``: the static table, or ``host`` if the data is too big."""
@@ -206,36 +209,33 @@ class Engine:
             arch, self.space, self.pad_backbones, self.depth_backbones, self.data.spec.shape
         )
 
-    def train(self, jobs: Sequence[Job]) -> list[RoundResult]:
-        """Trains every job to convergence; results in the order of ``jobs``."""
+    def train(self, jobs: Sequence[Job], upcoming: Sequence[Job] = ()) -> list[RoundResult]:
+        """Trains every job to convergence; results in the order of ``jobs``.
+
+        ``upcoming``: the jobs of the next generation where they are known already (a strategy
+        that ``sees_ahead``). Once this generation's programs are compiled and dispatched, the
+        programs those jobs need start compiling on a background thread (``prepare``), so the
+        compiles overlap this generation's training. Nothing else depends on them.
+        """
         results: list[RoundResult | None] = [None] * len(jobs)
-        log_rates = [
-            models.draw_log_rate(keys.RoundKeys.of(j.key).dropout_rate, self.config.dropout_rate)
-            for j in jobs
-        ]
-        groups: dict[tuple, list[int]] = {}
-        for i, job in enumerate(jobs):
-            driver = self.driver(job.arch)
-            if driver == "host":
-                results[i] = self._host(job, log_rates[i], i)
-            else:
-                groups.setdefault((self.bucket(job.arch), driver), []).append(i)
-        threads = self._threads()
-        if threads > 1:
-            # One program per round, rounds side by side on host threads (see _threads).
-            units = [(key, [i]) for key, indices in groups.items() for i in indices]
-        else:
-            units = list(groups.items())
+        log_rates = self._log_rates(jobs)
+        units, host = self._units(jobs)
+        for i in host:
+            results[i] = self._host(jobs[i], log_rates[i], i)
         for (bucket, driver), indices in units:  # built here: the threads only read them
             st = self._static(driver)
-            rounds_axis = self.mesh.shape[sharding.ROUNDS_AXIS]
-            self._programs(bucket, st, group_size(len(indices), rounds_axis))
+            self._programs(bucket, st, self._size(indices))
             self._on_device(st.eval_batch_size)
-        if threads > 1 and len(units) > 1:
-            pool = concurrent.futures.ThreadPoolExecutor(min(threads, len(units)))
+        if self._threads() > 1 and len(units) > 1:
+            pool = concurrent.futures.ThreadPoolExecutor(min(self._threads(), len(units)))
+            dispatched = [threading.Event() for _ in units]
             try:
-                futures = [pool.submit(self._run_group, *key, jobs, log_rates, ix)
-                           for key, ix in units]  # fmt: skip
+                futures = [pool.submit(self._run_group, *key, jobs, log_rates, ix, event)
+                           for (key, ix), event in zip(units, dispatched, strict=True)]  # fmt: skip
+                for event, future in zip(dispatched, futures, strict=True):
+                    while not event.wait(0.05) and not future.done():
+                        pass
+                self.prepare(upcoming)
                 outputs = [f.result() for f in futures]
             finally:
                 # Not `with`: on an interrupt (guard.Interrupted) the run must leave at once,
@@ -244,11 +244,66 @@ class Engine:
         else:
             # Dispatch every group before reading any result: the next one compiles meanwhile.
             pending = [self._dispatch(*key, jobs, log_rates, ix) for key, ix in units]
+            self.prepare(upcoming)
             outputs = [(jax.tree.map(np.asarray, out), driver) for out, driver in pending]
-        for ((bucket, _), indices), (host, driver) in zip(units, outputs, strict=True):
+        for ((bucket, _), indices), (out, driver) in zip(units, outputs, strict=True):
             for lane, i in enumerate(indices):
-                results[i] = self._result(jobs[i], log_rates[i], bucket, driver, host, lane)
+                results[i] = self._result(jobs[i], log_rates[i], bucket, driver, out, lane)
         return results
+
+    def prepare(self, jobs: Sequence[Job]) -> None:
+        """Starts compiling, on a background thread, the programs that ``train(jobs)`` will run
+        and that this engine has neither run nor prepared; returns at once.
+
+        ``train`` waits for a program still compiling here rather than compiling it again. The
+        compiled programs are the ones ``train`` would compile (same inputs, shapes and
+        shardings; a test checks that ``train`` then compiles nothing), so no result depends on
+        whether, or when, they were prepared. A failed compile is left for ``train`` to raise.
+        """
+        work = []
+        log_rates = self._log_rates(jobs)
+        for (bucket, driver), indices in self._units(jobs)[0]:
+            st = self._static(driver)
+            size = self._size(indices)
+            key = self._program_key(bucket, st, size)
+            if key in self._ahead:
+                continue
+            _, init, run = self._programs(bucket, st, size)
+            init_in, lanes_rest = self._inputs(bucket, size, jobs, log_rates, indices)
+            pop = sharding.population_sharded(self.mesh)
+            args = (init, run, _abstract(init_in, pop), _abstract(lanes_rest, pop),
+                    self._on_device(st.eval_batch_size), pop)  # fmt: skip
+            self._ahead[key] = concurrent.futures.Future()
+            work.append((self._ahead[key], args))
+        if work:
+            # A daemon: a run that stops, or is interrupted, does not wait for a compile.
+            threading.Thread(target=_compile_ahead, args=(work,), daemon=True,
+                             name="jaxes-compile-ahead").start()  # fmt: skip
+
+    def _log_rates(self, jobs: Sequence[Job]) -> list[float]:
+        return [
+            models.draw_log_rate(keys.RoundKeys.of(j.key).dropout_rate, self.config.dropout_rate)
+            for j in jobs
+        ]
+
+    def _units(self, jobs: Sequence[Job]) -> tuple[list, list[int]]:
+        """``(units, host)``: the programs of ``train(jobs)`` as ``((bucket, driver), indices)``
+        (each a group of jobs, or one job where rounds run on host threads, ``_threads``) and
+        the indices of the jobs on the ``host`` driver."""
+        groups: dict[tuple, list[int]] = {}
+        host = []
+        for i, job in enumerate(jobs):
+            driver = self.driver(job.arch)
+            if driver == "host":
+                host.append(i)
+            else:
+                groups.setdefault((self.bucket(job.arch), driver), []).append(i)
+        if self._threads() > 1:  # one program per round, side by side on host threads
+            return [(key, [i]) for key, indices in groups.items() for i in indices], host
+        return list(groups.items()), host
+
+    def _size(self, indices: Sequence[int]) -> int:
+        return group_size(len(indices), self.mesh.shape[sharding.ROUNDS_AXIS])
 
     def _threads(self) -> int:
         """Host threads for a generation: ``host_threads`` if given; else one per core on a CPU
@@ -274,8 +329,9 @@ class Engine:
             return 1
         return usable_cores()
 
-    def _run_group(self, bucket, driver, jobs, log_rates, indices):
+    def _run_group(self, bucket, driver, jobs, log_rates, indices, dispatched):
         outputs, driver = self._dispatch(bucket, driver, jobs, log_rates, indices)
+        dispatched.set()
         return jax.tree.map(np.asarray, outputs), driver
 
     def _host(self, job: Job, log_rate: float, index: int) -> RoundResult:
@@ -313,8 +369,11 @@ class Engine:
             self._device_data = (eval_batch, tuple(sharding.put(a, rep) for a in arrays))
         return self._device_data[1]
 
+    def _program_key(self, bucket: models.Arch, st: population.Static, size: int) -> tuple:
+        return ("population", bucket, st, size, self.mesh)
+
     def _programs(self, bucket: models.Arch, st: population.Static, size: int):
-        key = ("population", bucket, st, size, self.mesh)
+        key = self._program_key(bucket, st, size)
         if key not in self.programs:
             spec = self.data.spec
             # No callback without a listener: a host callback keeps a program out of the
@@ -340,17 +399,29 @@ class Engine:
 
     def _dispatch(self, bucket, driver, jobs, log_rates, indices):
         st = self._static(driver)
-        size = group_size(len(indices), self.mesh.shape[sharding.ROUNDS_AXIS])
+        size = self._size(indices)
         _, init, run = self._programs(bucket, st, size)
+        # A program compiling ahead (``prepare``) is waited for, not compiled twice; its
+        # failure, if any, is raised by the call below.
+        ahead = self._ahead.setdefault(self._program_key(bucket, st, size), _DISPATCHED)
+        concurrent.futures.wait([ahead])
+        init_in, lanes_rest = self._inputs(bucket, size, jobs, log_rates, indices)
+        pop = sharding.population_sharded(self.mesh)
+        params, rest, mask = init(*(sharding.put_tree(x, pop) for x in init_in))
+        lanes_in = (params, rest, mask, *(sharding.put_tree(x, pop) for x in lanes_rest))
+        # Asynchronous: the next group compiles while this one runs.
+        return run(lanes_in, *self._on_device(st.eval_batch_size)), driver
+
+    def _inputs(self, bucket, size, jobs, log_rates, indices) -> tuple[tuple, tuple]:
+        """The host inputs of a group's programs: ``init``'s ``(raw keys, log-rates, sizes)``
+        and the lanes after ``(params, rest, mask)``: ``(hyper, keys, active, index)``."""
         lanes = [indices[min(lane, len(indices) - 1)] for lane in range(size)]  # pad: repeat last
         round_keys = [keys.RoundKeys.of(jobs[i].key) for i in lanes]
-        pop = sharding.population_sharded(self.mesh)
         raw = lambda ks: np.stack([np.asarray(jax.random.key_data(k)) for k in ks])  # noqa: E731
-        sizes = padding.RealSizes.of([jobs[i].arch for i in lanes], bucket.depth)
-        params, rest, mask = init(
-            sharding.put(raw([k.init for k in round_keys]), pop),
-            sharding.put(np.asarray([log_rates[i] for i in lanes], np.float32), pop),
-            sharding.put_tree(sizes, pop),
+        init_in = (
+            raw([k.init for k in round_keys]),
+            np.asarray([log_rates[i] for i in lanes], np.float32),
+            padding.RealSizes.of([jobs[i].arch for i in lanes], bucket.depth),
         )
         hyper = steps.Hyper(
             np.asarray([jobs[i].learning_rate for i in lanes], np.float32),
@@ -362,13 +433,7 @@ class Engine:
         # Each lane reports as its job's index in the generation; padding lanes as -1.
         lane_index = np.asarray([i if on else -1 for i, on in zip(lanes, active, strict=True)],
                                 np.int32)  # fmt: skip
-        lanes_in = (
-            params, rest, mask,
-            sharding.put_tree(hyper, pop), sharding.put(lane_keys, pop),
-            sharding.put(active, pop), sharding.put(lane_index, pop),
-        )  # fmt: skip
-        # Asynchronous: the next group compiles while this one runs.
-        return run(lanes_in, *self._on_device(st.eval_batch_size)), driver
+        return init_in, (hyper, lane_keys, active, lane_index)
 
     def _abstract(self, arch: models.Arch):
         """``(graphdef, abstract state)`` of an unpadded ``arch`` (cached: no trace per round)."""
@@ -415,6 +480,29 @@ class Engine:
             message=message, learning_rate=job.learning_rate, weight_decay=job.weight_decay,
             bucket=bucket,
         )  # fmt: skip
+
+
+_DISPATCHED = concurrent.futures.Future()  # a program ``train`` has compiled itself
+_DISPATCHED.set_result(None)
+
+
+def _abstract(tree, sharding_):
+    """``tree``'s arrays as ``ShapeDtypeStruct``s placed with ``sharding_``."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_), tree)
+
+
+def _compile_ahead(work) -> None:
+    """``Engine.prepare``'s thread: compiles each group's ``init`` and ``run``, then resolves its
+    Future."""
+    for future, (init, run, init_in, lanes_rest, data, pop) in work:
+        try:
+            init.lower(*init_in).compile()
+            params = _abstract(jax.eval_shape(init, *init_in), pop)
+            run.lower((*params, *lanes_rest), *data).compile()
+        except Exception:
+            pass  # the same call in ``train`` raises it, where it belongs
+        finally:
+            future.set_result(None)
 
 
 def _merge(a: dict, b: dict) -> dict:

@@ -5,6 +5,7 @@ Misuse and its messages are tested in test_cli.py."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -283,6 +284,44 @@ def test_resume_after_a_kill_at_an_exact_point(
     _same_sessions(reference, tmp_path)
 
 
+def test_a_run_hands_the_engine_the_next_generation_it_will_train(
+    tmp_path, digits_data_dir, monkeypatch
+):
+    """Random search sees ahead: each generation's ``upcoming`` jobs are exactly the next one's."""
+    import importlib.util
+
+    import jax
+
+    from jaxes import rounds, train
+
+    spec = importlib.util.spec_from_file_location("digits_config", ROOT / "configs" / "digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("smoke")
+    config.data_dir = str(digits_data_dir)
+    config.search.space.learning_rate = (1e-3, 3e-3)  # a job's traced fields are compared too
+    real = train.Engine.train
+    calls = []
+
+    def record(engine, jobs, upcoming=()):
+        calls.append((list(jobs), list(upcoming)))
+        return real(engine, jobs, upcoming)
+
+    monkeypatch.setattr(train.Engine, "train", record)
+    summary = rounds.run(config, tmp_path, stream=open(os.devnull, "w"))  # noqa: SIM115
+
+    def fields(job):
+        key = jax.random.key_data(job.key).tolist()
+        return (job.arch, job.learning_rate, job.weight_decay, key)
+
+    assert len(calls) == summary["rounds_run"] >= 3
+    for (_, upcoming), (following, _) in itertools.pairwise(calls):
+        assert [fields(j) for j in upcoming] == [fields(j) for j in following]
+    # The last generation looked ahead too, into the budget it started with: a round never run.
+    budget = workdir.read_rounds(tmp_path)[-2]["rounds_budget"]  # after the round before it
+    assert len(calls[-1][1]) == (1 if budget > summary["rounds_run"] else 0)
+
+
 def test_a_diverging_round_is_recorded_as_failed_and_the_run_goes_on(
     tmp_path, digits_data_dir, monkeypatch
 ):
@@ -300,11 +339,11 @@ def test_a_diverging_round_is_recorded_as_failed_and_the_run_goes_on(
     real = train.Engine.train
     calls = []
 
-    def diverge_in_round_one(engine, jobs):
+    def diverge_in_round_one(engine, jobs, upcoming=()):
         calls.append(jobs)
         if len(calls) == 2:  # K = 1: the second generation is round 1
             jobs = [dataclasses.replace(job, learning_rate=1e30) for job in jobs]
-        return real(engine, jobs)
+        return real(engine, jobs, upcoming)
 
     monkeypatch.setattr(train.Engine, "train", diverge_in_round_one)
     summary = rounds.run(config, tmp_path, stream=open(os.devnull, "w"))  # noqa: SIM115

@@ -219,6 +219,52 @@ def test_propose_is_pure_so_a_kill_before_observe_replays_the_same_choice():
     assert strategy.propose(resumed, key)[0] == choice
 
 
+@pytest.mark.parametrize(
+    "name, params, generation, seen_rounds",
+    [
+        ("fixed", {}, 1, 12),
+        ("random", {}, 1, 12),
+        ("random", {}, 3, 12),
+        # Evolution sees ahead while members and pending proposals fill less than its
+        # population of 5: at generations of 1, rounds 1-4 from rounds 0-3; at generations of
+        # 3, rounds 3-4 from rounds 0-2, and then nothing (3 members and 3 pending).
+        ("evolution", {"population": 5}, 1, 4),
+        ("evolution", {"population": 5}, 3, 2),
+    ],
+)
+def test_a_strategy_that_sees_ahead_proposes_what_it_will_whatever_the_outcomes(
+    name, params, generation, seen_rounds
+):
+    # Proposals made from the state with a generation still pending (what a run compiles ahead)
+    # equal the ones made after that generation is observed, under several outcomes.
+    strategy = search.make(name, SPACE, **params)
+    key = jax.random.key(3)
+    fitnesses = [lambda c, t: None, lambda c, t: float(t % 4), lambda c, t: -space_fitness(c)]
+    for fitness in fitnesses:
+        state, rounds_seen, t = strategy.init(), 0, 0
+        while t < 12:
+            pending = []
+            for _ in range(generation):
+                choice, state = strategy.propose(state, jax.random.fold_in(key, t + len(pending)))
+                pending.append(choice)
+            ahead, look = [], state
+            for u in range(t + generation, t + 2 * generation):
+                if not strategy.sees_ahead(look):
+                    break
+                choice, look = strategy.propose(look, jax.random.fold_in(key, u))
+                ahead.append(choice)
+            for i, choice in enumerate(pending):
+                state = strategy.observe(state, choice, fitness(choice, t + i), t + i)
+            t += generation
+            after, real = [], state
+            for u in range(t, t + len(ahead)):
+                choice, real = strategy.propose(real, jax.random.fold_in(key, u))
+                after.append(choice)
+            assert ahead == after
+            rounds_seen += len(ahead)
+        assert rounds_seen == seen_rounds
+
+
 def test_space_field_order_does_not_change_proposals():
     reordered = dict(reversed(list(SPACE.items())))
     first = run(search.make("evolution", SPACE), 15)[0]

@@ -138,6 +138,53 @@ def test_same_bucket_and_searched_hyper_parameters_trigger_no_new_trace(digits):
     assert engine.compiles == 1
 
 
+@pytest.mark.parametrize("threads", [1, 2], ids=["one thread", "host threads"])
+def test_programs_compiled_ahead_are_the_ones_train_runs(digits, threads):
+    # prepare() compiles on a background thread what train() will need; train() then compiles
+    # nothing, and its results are bitwise those of an engine that never prepared.
+    config = _train_config()
+    config.max_epochs = 2
+    space = {"backbone": ("mlp", "cnn"), "depth": (1, 2), "width": (8, 16), "embed_dim": (8,)}
+    jobs = [
+        train.Job(models.Arch("cnn", 1, 8, 8), jax.random.key(1), 1e-3, 1e-4),
+        train.Job(models.Arch("mlp", 2, 16, 8), jax.random.key(2), 3e-3, 0.0),
+        train.Job(models.Arch("cnn", 1, 8, 8), jax.random.key(3), 1e-3, 1e-4),
+    ]
+    train.clear_shared_programs()  # nothing of these buckets compiled in this process yet
+    engine = train.Engine(digits, config, space=space, host_threads=threads)
+    engine.prepare(jobs)
+    for future in engine._ahead.values():  # what train() itself would wait for
+        future.result(timeout=600)
+    # One program per (bucket, group size): on host threads every round is a group of one.
+    sizes = sorted(key[3] for key in engine._ahead)
+    assert sizes == ([1, 1] if threads > 1 else [1, 2])
+    with _TraceCounter() as counter:
+        ahead = engine.train(jobs)
+    assert counter.compiles == []
+    assert not any(r.failed for r in ahead)
+    train.clear_shared_programs()
+    plain = train.Engine(digits, config, space=space, host_threads=threads).train(jobs)
+    for a, b in zip(ahead, plain, strict=True):
+        assert a.history == b.history
+        pairs = zip(_leaves(a.state), _leaves(b.state), strict=True)
+        assert all(np.array_equal(x, y) for x, y in pairs)
+
+
+def test_train_waits_for_a_program_still_compiling_ahead(digits):
+    # train() called before prepare()'s compile ends waits for it: the program compiles once.
+    config = _train_config()
+    config.max_epochs = 1
+    job = train.Job(models.Arch("mlp", 1, 24, 8), jax.random.key(4), 1e-3, 0.0)
+    train.clear_shared_programs()
+    engine = train.Engine(digits, config, host_threads=1)
+    with _TraceCounter() as counter:
+        engine.prepare([job])
+        engine.train([job])
+        engine.train([job])
+    assert counter.compiles.count("jit(round_program)") == 1
+    assert counter.compiles.count("jit(init_lane)") == 1
+
+
 def test_non_finite_loss_fails_the_round_naming_the_epoch(digits):
     config = _train_config()
     config.max_epochs = 3
