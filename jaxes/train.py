@@ -261,24 +261,30 @@ class Engine:
         whether, or when, they were prepared. A failed compile is left for ``train`` to raise.
         """
         work = []
-        log_rates = self._log_rates(jobs)
-        for (bucket, driver), indices in self._units(jobs)[0]:
-            st = self._static(driver)
-            size = self._size(indices)
-            key = self._program_key(bucket, st, size)
-            if key in self._ahead:
-                continue
-            _, init, run = self._programs(bucket, st, size)
-            init_in, lanes_rest = self._inputs(bucket, size, jobs, log_rates, indices)
-            pop = sharding.population_sharded(self.mesh)
-            args = (init, run, _abstract(init_in, pop), _abstract(lanes_rest, pop),
-                    self._on_device(st.eval_batch_size), pop)  # fmt: skip
-            self._ahead[key] = concurrent.futures.Future()
-            work.append((self._ahead[key], args))
+        try:
+            log_rates = self._log_rates(jobs)
+            for (bucket, driver), indices in self._units(jobs)[0]:
+                st = self._static(driver)
+                size = self._size(indices)
+                key = self._program_key(bucket, st, size)
+                if key in self._ahead or any(key == k for k, _, _ in work):
+                    continue
+                _, init, run = self._programs(bucket, st, size)
+                init_in, lanes_rest = self._inputs(bucket, size, jobs, log_rates, indices)
+                pop = sharding.population_sharded(self.mesh)
+                args = (init, run, _abstract(init_in, pop), _abstract(lanes_rest, pop),
+                        self._on_device(st.eval_batch_size), pop)  # fmt: skip
+                work.append((key, concurrent.futures.Future(), args))
+        except Exception:
+            return  # best effort: ``train`` meets the same error where it belongs
         if work:
-            # A daemon: a run that stops, or is interrupted, does not wait for a compile.
-            threading.Thread(target=_compile_ahead, args=(work,), daemon=True,
+            # Not a daemon: an interpreter that exits during an XLA compile crashes, so a run
+            # that ends waits for at most the compile in flight (an interrupt exits at once,
+            # ``os._exit``).
+            threading.Thread(target=_compile_ahead, args=([w[1:] for w in work],),
                              name="jaxes-compile-ahead").start()  # fmt: skip
+            for key, future, _ in work:
+                self._ahead[key] = future
 
     def _log_rates(self, jobs: Sequence[Job]) -> list[float]:
         return [
