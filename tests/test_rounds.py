@@ -284,21 +284,27 @@ def test_resume_after_a_kill_at_an_exact_point(
     _same_sessions(reference, tmp_path)
 
 
-def test_a_run_hands_the_engine_the_next_generation_it_will_train(
-    tmp_path, digits_data_dir, monkeypatch
-):
-    """Random search sees ahead: each generation's ``upcoming`` jobs are exactly the next one's."""
+def _smoke_config(data_dir):
+    """A fresh ``configs/digits.py:smoke`` config reading ``data_dir`` (configs/ is no package)."""
     import importlib.util
-
-    import jax
-
-    from jaxes import rounds, train
 
     spec = importlib.util.spec_from_file_location("digits_config", ROOT / "configs" / "digits.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config("smoke")
-    config.data_dir = str(digits_data_dir)
+    config.data_dir = str(data_dir)
+    return config
+
+
+def test_a_run_hands_the_engine_the_next_generation_it_will_train(
+    tmp_path, digits_data_dir, monkeypatch
+):
+    """Random search sees ahead: each generation's ``upcoming`` jobs are exactly the next one's."""
+    import jax
+
+    from jaxes import rounds, train
+
+    config = _smoke_config(digits_data_dir)
     config.search.space.learning_rate = (1e-3, 3e-3)  # a job's traced fields are compared too
     real = train.Engine.train
     calls = []
@@ -326,15 +332,9 @@ def test_a_diverging_round_is_recorded_as_failed_and_the_run_goes_on(
     tmp_path, digits_data_dir, monkeypatch
 ):
     """Round 1 trains with a learning rate that makes its loss non-finite (real divergence)."""
-    import importlib.util
-
     from jaxes import rounds, train
 
-    spec = importlib.util.spec_from_file_location("digits_config", ROOT / "configs" / "digits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("smoke")
-    config.data_dir = str(digits_data_dir)
+    config = _smoke_config(digits_data_dir)
     config.tolerance.r = -0.1  # tolerance 3 of 4 rounds: a failure alone cannot end the run
     real = train.Engine.train
     calls = []

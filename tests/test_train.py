@@ -170,17 +170,34 @@ def test_programs_compiled_ahead_are_the_ones_train_runs(digits, threads):
         assert all(np.array_equal(x, y) for x, y in pairs)
 
 
-def test_train_waits_for_a_program_still_compiling_ahead(digits):
-    # train() called before prepare()'s compile ends waits for it: the program compiles once.
+def test_train_waits_for_a_program_still_compiling_ahead(digits, monkeypatch):
+    # train() called while prepare()'s compile is held back blocks until that compile ends; the
+    # program compiles once.
+    import threading
+
     config = _train_config()
     config.max_epochs = 1
     job = train.Job(models.Arch("mlp", 1, 24, 8), jax.random.key(4), 1e-3, 0.0)
+    gate, real = threading.Event(), train._compile_ahead
+
+    def held(work):
+        gate.wait(timeout=600)
+        real(work)
+
+    monkeypatch.setattr(train, "_compile_ahead", held)
     train.clear_shared_programs()
     engine = train.Engine(digits, config, host_threads=1)
     with _TraceCounter() as counter:
         engine.prepare([job])
+        trainer = threading.Thread(target=engine.train, args=([job],))
+        trainer.start()
+        trainer.join(timeout=2.0)
+        # Still waiting on the held compile: train has not even traced its round program.
+        waited = trainer.is_alive() and "round_program" not in counter.names
+        gate.set()
+        trainer.join(timeout=600)
         engine.train([job])
-        engine.train([job])
+    assert waited
     assert counter.compiles.count("jit(round_program)") == 1
     assert counter.compiles.count("jit(init_lane)") == 1
 
